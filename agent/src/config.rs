@@ -1,0 +1,89 @@
+//! The agent's own configuration file (`nodemesh-agent run --config FILE`).
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::yaml::{self, YamlError};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Config {
+    /// The workloads file (pods and services); watched for changes.
+    pub workloads_file: PathBuf,
+    /// cgroup v2 directory whose subtree holds the node's pods. Programs
+    /// attach here (in Kubernetes: the kubepods cgroup).
+    pub cgroup_path: PathBuf,
+    /// Directory on a bpffs where maps and links are pinned. One per agent.
+    #[serde(default = "default_bpffs_dir")]
+    pub bpffs_dir: PathBuf,
+    /// `SO_MARK` on the agent's own sockets, so the kernel never redirects them.
+    #[serde(default = "default_socket_mark")]
+    pub socket_mark: u32,
+    /// How long open connections may finish after SIGTERM.
+    #[serde(default = "default_drain_seconds")]
+    pub drain_timeout_seconds: u64,
+    /// How long a connect to the original destination may take.
+    #[serde(default = "default_connect_seconds")]
+    pub connect_timeout_seconds: u64,
+    /// The sk_msg fast path for data the agent sends to apps.
+    #[serde(default)]
+    pub sockmap: bool,
+    /// Where to write one JSON line per connection; none: no access log.
+    #[serde(default)]
+    pub access_log: Option<PathBuf>,
+    /// Level of the eBPF programs' own log lines (aya-log): off or debug.
+    #[serde(default)]
+    pub ebpf_log: EbpfLog,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EbpfLog {
+    #[default]
+    Off,
+    Debug,
+}
+
+fn default_bpffs_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/nodemesh")
+}
+fn default_socket_mark() -> u32 {
+    0x4e4d // "NM"
+}
+fn default_drain_seconds() -> u64 {
+    5
+}
+fn default_connect_seconds() -> u64 {
+    10
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, YamlError> {
+        let mut cfg: Config = yaml::read_file(path)?;
+        // Relative paths are relative to the config file, not the cwd.
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.workloads_file = base.join(&cfg.workloads_file);
+        if let Some(log) = &cfg.access_log {
+            cfg.access_log = Some(base.join(log));
+        }
+        if cfg.socket_mark == 0 {
+            return Err(YamlError::Invalid {
+                path: path.to_owned(),
+                field: "socketMark".into(),
+                message: "must not be 0: the kernel programs tell the agent's sockets by it".into(),
+            });
+        }
+        Ok(cfg)
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_seconds)
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout_seconds)
+    }
+}

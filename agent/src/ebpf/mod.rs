@@ -1,0 +1,461 @@
+//! Loading, attaching and pinning the kernel programs, and the agent's view
+//! of their maps.
+//!
+//! Layout under the configured bpffs directory (one per agent):
+//! `maps/NM_*` (pinned by name, reused across restarts) and
+//! `links/<program>` (bpf_links to the cgroup: pinned, so the programs keep
+//! redirecting — and a dead agent fails closed — until `uninstall`).
+use std::{
+    fs::File,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps,
+        links::{FdLink, PinnedLink},
+    },
+};
+use nodemesh_common::{
+    EnrolledPod, FlowKey, MAP_CONFIG, MAP_COUNTERS, MAP_ENROLLED, MAP_ORIG_DST, MAP_PENDING,
+    MAP_SOCKHASH, OrigDst, ProgramConfig, SockKey, counter,
+};
+use tracing::{debug, info, warn};
+
+use crate::config::EbpfLog;
+
+/// The eBPF object built by `build.rs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodemesh"));
+
+/// Cgroup programs, by function name in the eBPF crate.
+const CGROUP_PROGRAMS: [&str; 3] = ["nm_connect4", "nm_connect6", "nm_sock_ops"];
+const SK_MSG_PROGRAM: &str = "nm_sk_msg";
+
+/// `BPF_FS_MAGIC` from linux/magic.h.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error(
+        "{0} is not on a bpf filesystem; mount one (mount -t bpf bpf /sys/fs/bpf) or set bpffsDir"
+    )]
+    NotBpffs(PathBuf),
+    #[error("cgroup {path}: {source}; set cgroupPath to a cgroup v2 directory (see `mount | grep cgroup2`)")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a cgroup v2 directory; set cgroupPath to one (see `mount | grep cgroup2`)")]
+    NotCgroup2 { path: PathBuf },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("link {name}: {detail}")]
+    Link {
+        name: &'static str,
+        detail: String,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("map {0} missing from the eBPF object")]
+    MissingMap(&'static str),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> KernelError {
+    let what = what.into();
+    move |source| KernelError::Io { what, source }
+}
+
+/// The programs, attached, and typed handles on their maps.
+pub struct Kernel {
+    enrolled: Mutex<HashMap<MapData, u64, EnrolledPod>>,
+    orig_dst: HashMap<MapData, FlowKey, OrigDst>,
+    sockhash: Mutex<SockHash<MapData, SockKey>>,
+    counters: PerCpuArray<MapData, u64>,
+    logger: Mutex<Option<EbpfLogger>>,
+    // Keeps the program fds alive.
+    _ebpf: Ebpf,
+}
+
+pub type EbpfLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+pub struct Settings<'a> {
+    pub bpffs_dir: &'a Path,
+    pub cgroup_path: &'a Path,
+    pub socket_mark: u32,
+    pub sockmap: bool,
+    pub ebpf_log: EbpfLog,
+}
+
+fn check_bpffs(dir: &Path) -> Result<(), KernelError> {
+    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    let fs = nix::sys::statfs::statfs(dir).map_err(|e| KernelError::Io {
+        what: format!("statfs {}", dir.display()),
+        source: e.into(),
+    })?;
+    if fs.filesystem_type().0 as i64 != BPF_FS_MAGIC {
+        return Err(KernelError::NotBpffs(dir.to_owned()));
+    }
+    Ok(())
+}
+
+fn open_cgroup(path: &Path) -> Result<File, KernelError> {
+    let fs = nix::sys::statfs::statfs(path).map_err(|e| KernelError::Cgroup {
+        path: path.to_owned(),
+        source: e.into(),
+    })?;
+    if fs.filesystem_type() != nix::sys::statfs::CGROUP2_SUPER_MAGIC {
+        return Err(KernelError::NotCgroup2 {
+            path: path.to_owned(),
+        });
+    }
+    File::open(path).map_err(|source| KernelError::Cgroup {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+impl Kernel {
+    /// Loads the programs (reusing pinned maps), attaches them to the cgroup
+    /// and pins the links, replacing links a previous agent left pinned so
+    /// that there is no moment with no program attached.
+    pub fn install(s: &Settings<'_>) -> Result<Self, KernelError> {
+        check_bpffs(s.bpffs_dir)?;
+        let maps_dir = s.bpffs_dir.join("maps");
+        let links_dir = s.bpffs_dir.join("links");
+        for d in [&maps_dir, &links_dir] {
+            std::fs::create_dir_all(d).map_err(io(format!("creating {}", d.display())))?;
+        }
+        let cgroup = open_cgroup(s.cgroup_path)?;
+        let log_level: u8 = match s.ebpf_log {
+            EbpfLog::Off => 0,
+            EbpfLog::Debug => 4,
+        };
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .override_global("AYA_LOG_LEVEL", &log_level, false)
+            .load(OBJECT)?;
+        let logger = if s.ebpf_log == EbpfLog::Off {
+            None
+        } else {
+            match aya_log::EbpfLogger::init(&mut ebpf) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    warn!("eBPF log unavailable: {e}");
+                    None
+                }
+            }
+        };
+
+        // Settings first, so the programs never run with stale ones.
+        let mut cfg: Array<_, ProgramConfig> = Array::try_from(
+            ebpf.map_mut(MAP_CONFIG)
+                .ok_or(KernelError::MissingMap(MAP_CONFIG))?,
+        )
+        .map_err(|source| KernelError::Map {
+            name: MAP_CONFIG,
+            source,
+        })?;
+        cfg.set(
+            0,
+            ProgramConfig {
+                agent_mark: s.socket_mark,
+                sockmap_enabled: u32::from(s.sockmap),
+            },
+            0,
+        )
+        .map_err(|source| KernelError::Map {
+            name: MAP_CONFIG,
+            source,
+        })?;
+
+        // bpf_link attachments always coexist with other programs on the
+        // cgroup (the kernel rejects ALLOW_MULTI in link_create flags), so
+        // "Single" here means flags 0, not exclusive.
+        for name in CGROUP_PROGRAMS {
+            let program = ebpf
+                .program_mut(name)
+                .ok_or(KernelError::Link {
+                    name,
+                    detail: "program missing from the object".into(),
+                })?;
+            let link: FdLink = match name {
+                "nm_sock_ops" => {
+                    let p: &mut SockOps = program
+                        .try_into()
+                        .map_err(|source| KernelError::Program { name, source })?;
+                    p.load().map_err(|source| KernelError::Program { name, source })?;
+                    let id = p
+                        .attach(&cgroup, CgroupAttachMode::Single)
+                        .map_err(|source| KernelError::Program { name, source })?;
+                    let owned = p
+                        .take_link(id)
+                        .map_err(|source| KernelError::Program { name, source })?;
+                    owned.try_into().map_err(|e: aya::programs::links::LinkError| {
+                        KernelError::Link {
+                            name,
+                            detail: e.to_string(),
+                        }
+                    })?
+                }
+                _ => {
+                    let p: &mut CgroupSockAddr = program
+                        .try_into()
+                        .map_err(|source| KernelError::Program { name, source })?;
+                    p.load().map_err(|source| KernelError::Program { name, source })?;
+                    let id = p
+                        .attach(&cgroup, CgroupAttachMode::Single)
+                        .map_err(|source| KernelError::Program { name, source })?;
+                    let owned = p
+                        .take_link(id)
+                        .map_err(|source| KernelError::Program { name, source })?;
+                    owned.try_into().map_err(|e: aya::programs::links::LinkError| {
+                        KernelError::Link {
+                            name,
+                            detail: e.to_string(),
+                        }
+                    })?
+                }
+            };
+            replace_pinned_link(&links_dir.join(name), link, name)?;
+        }
+
+        let sockhash: SockHash<MapData, SockKey> = SockHash::try_from(
+            ebpf.take_map(MAP_SOCKHASH)
+                .ok_or(KernelError::MissingMap(MAP_SOCKHASH))?,
+        )
+        .map_err(|source| KernelError::Map {
+            name: MAP_SOCKHASH,
+            source,
+        })?;
+        {
+            let name = SK_MSG_PROGRAM;
+            let p: &mut SkMsg = ebpf
+                .program_mut(name)
+                .ok_or(KernelError::Link {
+                    name,
+                    detail: "program missing from the object".into(),
+                })?
+                .try_into()
+                .map_err(|source| KernelError::Program { name, source })?;
+            p.load().map_err(|source| KernelError::Program { name, source })?;
+            match p.attach(sockhash.fd()) {
+                Ok(id) => {
+                    // The map keeps the program attached: it lives as long as
+                    // the pinned sockhash, like the pinned cgroup links.
+                    let link = p
+                        .take_link(id)
+                        .map_err(|source| KernelError::Program { name, source })?;
+                    std::mem::forget(link);
+                }
+                // A previous agent's program is still attached to the
+                // pinned map; it uses the same maps, so keep it.
+                Err(e) if is_busy(&e) => {
+                    info!("sk_msg program from a previous agent still attached; keeping it")
+                }
+                Err(source) => return Err(KernelError::Program { name, source }),
+            }
+        }
+
+        let take_hash = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(KernelError::MissingMap(name))
+        };
+        let enrolled = HashMap::try_from(take_hash(&mut ebpf, MAP_ENROLLED)?).map_err(
+            |source| KernelError::Map {
+                name: MAP_ENROLLED,
+                source,
+            },
+        )?;
+        let orig_dst = HashMap::try_from(take_hash(&mut ebpf, MAP_ORIG_DST)?).map_err(
+            |source| KernelError::Map {
+                name: MAP_ORIG_DST,
+                source,
+            },
+        )?;
+        let counters = PerCpuArray::try_from(take_hash(&mut ebpf, MAP_COUNTERS)?).map_err(
+            |source| KernelError::Map {
+                name: MAP_COUNTERS,
+                source,
+            },
+        )?;
+        info!(
+            cgroup = %s.cgroup_path.display(),
+            bpffs = %s.bpffs_dir.display(),
+            sockmap = s.sockmap,
+            "eBPF programs attached"
+        );
+        Ok(Kernel {
+            enrolled: Mutex::new(enrolled),
+            orig_dst,
+            sockhash: Mutex::new(sockhash),
+            counters,
+            logger: Mutex::new(logger),
+            _ebpf: ebpf,
+        })
+    }
+
+    /// The aya-log reader, for a task that drains it.
+    pub fn take_logger(&self) -> Option<EbpfLogger> {
+        lock(&self.logger).take()
+    }
+
+    pub fn enrol(&self, netns_cookie: u64, pod: EnrolledPod) -> Result<(), KernelError> {
+        lock(&self.enrolled)
+            .insert(netns_cookie, pod, 0)
+            .map_err(|source| KernelError::Map {
+                name: MAP_ENROLLED,
+                source,
+            })
+    }
+
+    pub fn unenrol(&self, netns_cookie: u64) {
+        if let Err(e) = lock(&self.enrolled).remove(&netns_cookie) {
+            debug!("unenrol {netns_cookie}: {e}");
+        }
+    }
+
+    /// Enrolled netns cookies, e.g. left by a previous agent.
+    pub fn enrolled_cookies(&self) -> Vec<u64> {
+        lock(&self.enrolled).keys().filter_map(Result::ok).collect()
+    }
+
+    pub fn orig_dst(&self, key: &FlowKey) -> Option<OrigDst> {
+        self.orig_dst.get(key, 0).ok()
+    }
+
+    /// Adds the agent's side of an app connection to the sockhash, so what
+    /// the agent writes skips the loopback stack.
+    pub fn add_to_sockhash(&self, key: SockKey, socket: &impl AsRawFd) -> Result<(), KernelError> {
+        lock(&self.sockhash)
+            .insert(key, socket.as_raw_fd(), 0)
+            .map_err(|source| KernelError::Map {
+                name: MAP_SOCKHASH,
+                source,
+            })
+    }
+
+    /// The programs' counters, summed over CPUs.
+    pub fn counters(&self) -> Vec<u64> {
+        (0..counter::COUNT)
+            .map(|i| {
+                self.counters
+                    .get(&i, 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+}
+
+/// A poisoned lock only means another thread panicked mid-update of a map
+/// handle; the kernel map itself is consistent, so carry on.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn is_busy(e: &aya::programs::ProgramError) -> bool {
+    let mut cur: Option<&dyn std::error::Error> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return io.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32);
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Pins `new` at `path`; a link already pinned there (a previous agent's) is
+/// detached only after `new` is attached.
+fn replace_pinned_link(path: &Path, new: FdLink, name: &'static str) -> Result<(), KernelError> {
+    if path.exists() {
+        match PinnedLink::from_pin(path) {
+            Ok(old) => {
+                let old = old.unpin().map_err(|e| KernelError::Link {
+                    name,
+                    detail: format!("unpinning {}: {e}", path.display()),
+                })?;
+                drop(old);
+                info!(link = %path.display(), "replaced the previous agent's link");
+            }
+            Err(e) => {
+                return Err(KernelError::Link {
+                    name,
+                    detail: format!("{} exists but is not a link: {e}", path.display()),
+                });
+            }
+        }
+    }
+    new.pin(path).map_err(|e| KernelError::Link {
+        name,
+        detail: format!("pinning at {}: {e}", path.display()),
+    })?;
+    Ok(())
+}
+
+/// Entry counts of the pinned maps, for `nodemesh-agent maps`.
+pub fn pinned_map_sizes(bpffs_dir: &Path) -> Result<Vec<(&'static str, usize)>, KernelError> {
+    let maps_dir = bpffs_dir.join("maps");
+    let open = |name: &'static str| {
+        MapData::from_pin(maps_dir.join(name)).map_err(|source| KernelError::Map { name, source })
+    };
+    let enrolled: HashMap<_, u64, EnrolledPod> =
+        HashMap::try_from(aya::maps::Map::HashMap(open(MAP_ENROLLED)?))
+            .map_err(|source| KernelError::Map { name: MAP_ENROLLED, source })?;
+    let pending: HashMap<_, u64, OrigDst> =
+        HashMap::try_from(aya::maps::Map::HashMap(open(MAP_PENDING)?))
+            .map_err(|source| KernelError::Map { name: MAP_PENDING, source })?;
+    let orig: HashMap<_, FlowKey, OrigDst> =
+        HashMap::try_from(aya::maps::Map::HashMap(open(MAP_ORIG_DST)?))
+            .map_err(|source| KernelError::Map { name: MAP_ORIG_DST, source })?;
+    let sockhash: SockHash<_, SockKey> =
+        SockHash::try_from(aya::maps::Map::SockHash(open(MAP_SOCKHASH)?))
+            .map_err(|source| KernelError::Map { name: MAP_SOCKHASH, source })?;
+    Ok(vec![
+        (MAP_ENROLLED, enrolled.keys().count()),
+        (MAP_PENDING, pending.keys().count()),
+        (MAP_ORIG_DST, orig.keys().count()),
+        (MAP_SOCKHASH, sockhash.keys().count()),
+    ])
+}
+
+/// Removes the links (detaching the programs) and the pinned maps.
+pub fn uninstall(bpffs_dir: &Path) -> Result<(), KernelError> {
+    let links_dir = bpffs_dir.join("links");
+    if links_dir.is_dir() {
+        for entry in std::fs::read_dir(&links_dir).map_err(io("reading links"))? {
+            let path = entry.map_err(io("reading links"))?.path();
+            std::fs::remove_file(&path).map_err(io(format!("removing {}", path.display())))?;
+            info!(link = %path.display(), "removed");
+        }
+    }
+    for sub in ["links", "maps"] {
+        let dir = bpffs_dir.join(sub);
+        if dir.is_dir() {
+            for entry in std::fs::read_dir(&dir).map_err(io("reading pins"))? {
+                let path = entry.map_err(io("reading pins"))?.path();
+                std::fs::remove_file(&path).map_err(io(format!("removing {}", path.display())))?;
+            }
+            std::fs::remove_dir(&dir).map_err(io(format!("removing {}", dir.display())))?;
+        }
+    }
+    if bpffs_dir.is_dir() {
+        let _ = std::fs::remove_dir(bpffs_dir);
+    }
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! Sockets inside pods' network namespaces.
+//!
+//! The agent stays in its own netns; a socket is created inside a pod's
+//! netns by switching the calling thread there for the `socket()` call only.
+//! A socket keeps its netns for life, so listening, accepting and connecting
+//! then work from any thread.
+use std::{
+    fs::File,
+    io,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::OnceLock,
+};
+
+use nix::sched::{CloneFlags, setns};
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// The agent's own netns, opened once at start-up from the main thread.
+static AGENT_NETNS: OnceLock<File> = OnceLock::new();
+
+pub fn remember_agent_netns() -> io::Result<()> {
+    let f = File::open("/proc/thread-self/ns/net")?;
+    let _ = AGENT_NETNS.set(f);
+    Ok(())
+}
+
+/// A pod's network namespace, held open by fd (the pod may go away; the fd
+/// keeps the namespace valid for as long as the agent has sockets in it).
+#[derive(Debug)]
+pub struct PodNetns {
+    file: File,
+    path: PathBuf,
+}
+
+impl PodNetns {
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let file = File::open(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("netns {}: {e}", path.display())))?;
+        Ok(Self {
+            file,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` with this thread in the pod's netns. `f` must not block or
+    /// yield: it is for creating sockets.
+    fn run<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        let agent = AGENT_NETNS
+            .get()
+            .ok_or_else(|| io::Error::other("agent netns not recorded"))?;
+        setns(&self.file, CloneFlags::CLONE_NEWNET).map_err(|e| {
+            io::Error::other(format!("entering netns {}: {e}", self.path.display()))
+        })?;
+        let result = f();
+        if let Err(e) = setns(agent, CloneFlags::CLONE_NEWNET) {
+            // A worker thread stuck in a pod's netns would send other pods'
+            // traffic from the wrong place: stop rather than continue.
+            tracing::error!("cannot return to the agent's netns: {e}; aborting");
+            std::process::abort();
+        }
+        result
+    }
+
+    /// A listening socket on `addr` inside the pod.
+    pub fn listen(&self, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+        let socket = self.run(|| {
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            // Reuse-port lets a new agent bind beside the old during upgrades.
+            s.set_reuse_address(true)?;
+            s.set_reuse_port(true)?;
+            if addr.is_ipv6() {
+                s.set_only_v6(true)?;
+            }
+            s.bind(&addr.into())?;
+            s.listen(4096)?;
+            Ok(s)
+        })?;
+        socket.set_nonblocking(true)?;
+        tokio::net::TcpListener::from_std(socket.into())
+    }
+
+    /// An unconnected TCP socket inside the pod, carrying the agent's mark
+    /// so the kernel programs leave it alone.
+    pub fn socket(&self, peer: SocketAddr, mark: u32) -> io::Result<tokio::net::TcpSocket> {
+        let socket = self.run(|| {
+            Socket::new(Domain::for_address(peer), Type::STREAM, Some(Protocol::TCP))
+        })?;
+        socket.set_mark(mark)?;
+        socket.set_nonblocking(true)?;
+        socket.set_tcp_nodelay(true)?;
+        Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+    }
+}

@@ -1,0 +1,13 @@
+//! The nodemesh node agent.
+//!
+//! `unsafe` is denied workspace-wide; the only exceptions are the eBPF crate
+//! and `nodemesh_common::user` (map types and one socket option).
+pub mod access_log;
+pub mod app;
+pub mod config;
+pub mod drain;
+pub mod ebpf;
+pub mod inpod;
+pub mod proxy;
+pub mod state;
+pub mod yaml;

@@ -1,0 +1,85 @@
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use nodemesh_agent::{app, config::Config, ebpf, state::Workloads};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "nodemesh-agent", version, about = "nodemesh node agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach the kernel programs, enrol local pods and proxy their traffic.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Check the config and workloads files; exit non-zero on any error.
+    Validate {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Print the entry counts of the pinned maps (JSON).
+    Maps {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Detach the programs and remove every pin under bpffsDir.
+    Uninstall {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("NODEMESH_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    match cli.command {
+        Command::Run { config } => {
+            let config = Config::load(&config)?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?
+                .block_on(app::run(config))
+        }
+        Command::Validate { config } => {
+            let config = Config::load(&config)?;
+            let w = Workloads::load(&config.workloads_file)?;
+            println!(
+                "ok: {} pods ({} local to {}), config {}",
+                w.pods().len(),
+                w.local_pods().count(),
+                w.node,
+                config.workloads_file.display()
+            );
+            Ok(())
+        }
+        Command::Maps { config } => {
+            let config = Config::load(&config)?;
+            let sizes = ebpf::pinned_map_sizes(&config.bpffs_dir)?;
+            let obj: serde_json::Map<String, serde_json::Value> = sizes
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.into()))
+                .collect();
+            println!("{}", serde_json::Value::Object(obj));
+            Ok(())
+        }
+        Command::Uninstall { config } => {
+            let config = Config::load(&config)?;
+            ebpf::uninstall(&config.bpffs_dir)?;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! `cargo xtask bench`: direct TCP vs through the agent on the virtual
+//! cluster, same-node and cross-node, sockmap fast path off and on. Prints
+//! ratios to direct and writes JSON for later comparison.
+use std::{fs, path::Path, time::Duration};
+
+use anyhow::{Context as _, Result};
+use serde_json::{Value, json};
+
+use crate::cluster::{Cluster, ClusterSpec, PodSpec};
+
+fn spec() -> ClusterSpec {
+    ClusterSpec {
+        nodes: 2,
+        pods: vec![
+            PodSpec::new("client", 0),
+            PodSpec::new("direct", 0).unenrolled(),
+            PodSpec::new("server-local", 0),
+            PodSpec::new("server-remote", 1),
+        ],
+        services: vec![],
+        agent: Default::default(),
+    }
+}
+
+/// utime + stime of a process, seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    // utime, stime are fields 14, 15 (1-based) = 11, 12 after ')'.
+    (ticks(11) + ticks(12)) / hz
+}
+
+fn status_kib(pid: u32, key: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+struct Runner<'a> {
+    c: &'a Cluster,
+    secs: f64,
+}
+
+impl Runner<'_> {
+    fn client(&self, pod: &str, args: &[&str]) -> Result<Value> {
+        self.c.run_in_pod(pod, args)
+    }
+
+    /// All four measurements from `pod` to `to`, with the agent's CPU use.
+    fn suite(&self, pod: &str, to: &str, agent_pid: Option<u32>) -> Result<Value> {
+        let secs = self.secs.to_string();
+        let mut out = serde_json::Map::new();
+        for (name, streams) in [("stream_1", "1"), ("stream_8", "8")] {
+            let cpu0 = agent_pid.map(cpu_seconds);
+            let v = self.client(
+                pod,
+                &["bench-client", "stream", "--to", to, "--secs", &secs, "--streams", streams],
+            )?;
+            let mut v = v;
+            if let (Some(pid), Some(c0)) = (agent_pid, cpu0) {
+                let cpu = cpu_seconds(pid) - c0;
+                let gib = v["bytes"].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64;
+                v["agent_cpu_s_per_gib"] = json!(if gib > 0.0 { cpu / gib } else { 0.0 });
+            }
+            out.insert(name.into(), v);
+        }
+        out.insert(
+            "rr".into(),
+            self.client(pod, &["bench-client", "rr", "--to", to, "--secs", &secs])?,
+        );
+        out.insert(
+            "crr".into(),
+            self.client(pod, &["bench-client", "crr", "--to", to, "--secs", &secs])?,
+        );
+        Ok(Value::Object(out))
+    }
+}
+
+pub fn run(secs: f64, out: &Path) -> Result<()> {
+    let mut c = Cluster::start(spec())?;
+    c.spawn_in_pod("server-local", &["serve", "--port", "8080"])?;
+    c.spawn_in_pod("server-remote", &["serve", "--port", "8080"])?;
+    let targets = [
+        ("same_node", format!("{}:8080", c.pod("server-local").ip4)),
+        ("cross_node", format!("{}:8080", c.pod("server-remote").ip4)),
+    ];
+    let mut results = serde_json::Map::new();
+    let idle_rss = c.agent_pid(0).map(|p| status_kib(p, "VmRSS:")).unwrap_or(0);
+    for sockmap in [false, true] {
+        if sockmap {
+            c.spec.agent.sockmap = true;
+            c.stop_agent(0)?;
+            c.rewrite_agent_config(0)?;
+            c.start_agent(0)?;
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let runner = Runner { c: &c, secs };
+        for (placement, to) in &targets {
+            eprintln!("bench: {placement} sockmap={sockmap} ...");
+            if !sockmap {
+                let direct = runner.suite("direct", to, None)?;
+                results.insert(format!("{placement}/direct"), direct);
+            }
+            let pid = c.agent_pid(0);
+            let meshed = runner.suite("client", to, pid)?;
+            let key = if sockmap { "meshed_sockmap" } else { "meshed" };
+            results.insert(format!("{placement}/{key}"), meshed);
+        }
+    }
+    let pid = c.agent_pid(0).context("agent 0 not running")?;
+    let summary = json!({
+        "agent_rss_idle_kib": idle_rss,
+        "agent_rss_peak_kib": status_kib(pid, "VmHWM:"),
+        "seconds_per_measurement": secs,
+        "results": results,
+    });
+    drop(c);
+    print_table(&summary);
+    if let Some(dir) = out.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    fs::write(out, serde_json::to_string_pretty(&summary)?)?;
+    println!("\nwritten to {}", out.display());
+    Ok(())
+}
+
+fn print_table(s: &Value) {
+    let r = &s["results"];
+    let metrics: [(&str, &str, &str, bool); 6] = [
+        ("throughput 1 stream (Gbit/s)", "stream_1", "gbit_per_s", true),
+        ("throughput 8 streams (Gbit/s)", "stream_8", "gbit_per_s", true),
+        ("64 B req/resp p50 (us)", "rr", "p50_us", false),
+        ("64 B req/resp p99 (us)", "rr", "p99_us", false),
+        ("new connections/s", "crr", "per_second", true),
+        ("agent CPU s/GiB (8 streams)", "stream_8", "agent_cpu_s_per_gib", false),
+    ];
+    println!(
+        "\n{:<11} {:<30} {:>10} {:>10} {:>7} {:>10} {:>7}",
+        "placement", "metric", "direct", "meshed", "ratio", "+sockmap", "ratio"
+    );
+    for placement in ["same_node", "cross_node"] {
+        for (label, test, field, _higher_better) in metrics {
+            let get = |mode: &str| r[format!("{placement}/{mode}")][test][field].as_f64();
+            let d = get("direct");
+            let m = get("meshed");
+            let sm = get("meshed_sockmap");
+            let ratio = |x: Option<f64>| match (x, d) {
+                (Some(x), Some(d)) if d > 0.0 => format!("{:.2}", x / d),
+                _ => "-".into(),
+            };
+            let fmt = |x: Option<f64>| x.map(|v| format!("{v:.2}")).unwrap_or("-".into());
+            println!(
+                "{:<11} {:<30} {:>10} {:>10} {:>7} {:>10} {:>7}",
+                placement,
+                label,
+                fmt(d),
+                fmt(m),
+                ratio(m),
+                fmt(sm),
+                ratio(sm)
+            );
+        }
+    }
+    println!(
+        "\nagent RSS: idle {} KiB, peak {} KiB",
+        s["agent_rss_idle_kib"], s["agent_rss_peak_kib"]
+    );
+}

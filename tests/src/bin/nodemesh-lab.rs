@@ -1,0 +1,221 @@
+//! `nodemesh-lab`: the virtual cluster's tool. `demo` and `bench` run on
+//! the host; the other commands are what pods run.
+use std::{os::unix::process::CommandExt as _, path::PathBuf};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+use nodemesh_lab::{bench, bench_client, demo, workload};
+
+#[derive(Parser)]
+#[command(name = "nodemesh-lab", about = "nodemesh virtual cluster")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// A 2-node cluster running an online store, with a live summary.
+    Demo {
+        /// Stop after this many seconds (default: until Ctrl-C).
+        #[arg(long)]
+        duration: Option<u64>,
+    },
+    /// Meshed vs direct TCP on the virtual cluster; prints ratios, writes JSON.
+    Bench {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
+        /// Where to write the JSON results.
+        #[arg(long, default_value = "target/bench/latest.json")]
+        out: PathBuf,
+    },
+    /// Join a cgroup and a network namespace, then exec the command.
+    PodExec {
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        #[arg(long)]
+        netns: PathBuf,
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
+    /// The test server (see `workload`).
+    Serve {
+        #[arg(long)]
+        port: u16,
+    },
+    /// Test clients; each prints one JSON result line.
+    Client {
+        #[command(subcommand)]
+        what: ClientCmd,
+    },
+    /// Load generators for the benchmark.
+    BenchClient {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+    /// A demo shop service: serves, and calls its dependencies.
+    Shop {
+        #[arg(long)]
+        port: u16,
+        /// Dependencies as `name=ip:port`.
+        #[arg(long)]
+        call: Vec<String>,
+        /// Calls per second to each dependency.
+        #[arg(long, default_value_t = 4.0)]
+        rate: f64,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClientCmd {
+    Probe {
+        #[arg(long)]
+        to: String,
+    },
+    Send {
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        bytes: u64,
+    },
+    Fetch {
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        bytes: u64,
+    },
+    Concurrent {
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        n: usize,
+    },
+    Many {
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        n: usize,
+        #[arg(long, default_value_t = 8)]
+        parallel: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    Stream {
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        secs: f64,
+        #[arg(long)]
+        streams: usize,
+    },
+    Rr {
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        secs: f64,
+    },
+    Crr {
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        secs: f64,
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
+    },
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::PodExec {
+            cgroup,
+            netns,
+            command,
+        } => pod_exec(cgroup, netns, command),
+        Cmd::Demo { duration } => demo::run(duration),
+        Cmd::Bench { secs, out } => bench::run(secs, &out),
+        Cmd::Serve { port } => {
+            raise_fd_limit();
+            runtime()?.block_on(workload::serve(port))
+        }
+        Cmd::Client { what } => {
+            raise_fd_limit();
+            let rt = runtime()?;
+            let v = rt.block_on(async {
+                Ok::<_, anyhow::Error>(match what {
+                    ClientCmd::Probe { to } => workload::probe(workload::parse_addr(&to)?).await,
+                    ClientCmd::Send { to, bytes } => {
+                        workload::send(workload::parse_addr(&to)?, bytes).await?
+                    }
+                    ClientCmd::Fetch { to, bytes } => {
+                        workload::fetch(workload::parse_addr(&to)?, bytes).await?
+                    }
+                    ClientCmd::Concurrent { to, n } => {
+                        workload::concurrent(workload::parse_addr(&to)?, n).await
+                    }
+                    ClientCmd::Many { to, n, parallel } => {
+                        workload::many(workload::parse_addr(&to)?, n, parallel).await
+                    }
+                })
+            })?;
+            println!("{v}");
+            Ok(())
+        }
+        Cmd::BenchClient { what } => {
+            raise_fd_limit();
+            let rt = runtime()?;
+            let v = rt.block_on(async {
+                match what {
+                    BenchCmd::Stream { to, secs, streams } => {
+                        bench_client::stream(workload::parse_addr(&to)?, secs, streams).await
+                    }
+                    BenchCmd::Rr { to, secs } => {
+                        bench_client::rr(workload::parse_addr(&to)?, secs).await
+                    }
+                    BenchCmd::Crr { to, secs, parallel } => {
+                        bench_client::crr(workload::parse_addr(&to)?, secs, parallel).await
+                    }
+                }
+            })?;
+            println!("{v}");
+            Ok(())
+        }
+        Cmd::Shop { port, call, rate } => {
+            raise_fd_limit();
+            runtime()?.block_on(demo::shop(port, call, rate))
+        }
+    }
+}
+
+/// Joins the cgroup first: `setns` does not move cgroups, and a process must
+/// be in the pod's cgroup before it creates sockets for the hooks to see them.
+fn pod_exec(cgroup: Option<PathBuf>, netns: PathBuf, command: Vec<String>) -> Result<()> {
+    if let Some(cg) = cgroup {
+        std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("joining cgroup {}", cg.display()))?;
+    }
+    let ns = std::fs::File::open(&netns).with_context(|| format!("opening {}", netns.display()))?;
+    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("entering {}", netns.display()))?;
+    drop(ns);
+    let err = std::process::Command::new(&command[0])
+        .args(&command[1..])
+        .exec();
+    Err(err).with_context(|| format!("exec {}", command[0]))
+}

@@ -1,0 +1,742 @@
+//! The virtual cluster: nodes and pods from network namespaces, veths and
+//! bridges, one cgroup per pod, one agent per node in its node's netns.
+//!
+//! Topology (names carry a per-run id, so runs never collide):
+//! - `nmlab-<run>-fabric`: a bridge joining every node's `eth0`
+//!   (10.240.0.<k+1>/24, fd00:240::<k+1>/64) and an external host `ext`
+//!   (10.240.0.200) that is outside the cluster.
+//! - `nmlab-<run>-n<k>`: node k; bridge `cbr0` (10.244.k.1/24,
+//!   fd00:244:k::1/64) with one veth per pod, forwarding on, routes to the
+//!   other nodes' pod CIDRs via their node IPs.
+//! - `nmlab-<run>-n<k>-<pod>`: a pod; `eth0` 10.244.k.<10+j>, fd00:244:k::<10+j>.
+//! - cgroups `<cgroup2>/nodemesh-lab-<run>/node-<k>/{pod-<name>,agent}`;
+//!   agent k attaches to `node-<k>` and pins under `<state>/bpffs/node-<k>`.
+//!
+//! Everything is removed on drop, also after a failed test; a later run
+//! removes what a killed run left (its owner pid is gone).
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{BufRead as _, Write as _},
+    os::unix::process::CommandExt as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use serde_json::Value;
+
+use crate::sys;
+
+const STATE_ROOT: &str = "/run/nodemesh-lab";
+const NETNS_PREFIX: &str = "nmlab-";
+const CGROUP_PREFIX: &str = "nodemesh-lab-";
+
+#[derive(Debug, Clone)]
+pub struct PodSpec {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub app: String,
+    pub node: usize,
+    /// Listed in the agent's workloads file as a local pod (meshed).
+    pub enrolled: bool,
+}
+
+impl PodSpec {
+    pub fn new(name: &str, node: usize) -> Self {
+        Self {
+            name: name.into(),
+            namespace: "shop".into(),
+            service_account: name.into(),
+            app: name.into(),
+            node,
+            enrolled: true,
+        }
+    }
+
+    pub fn unenrolled(mut self) -> Self {
+        self.enrolled = false;
+        self
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub namespace: String,
+    pub port: u16,
+    pub target_port: u16,
+    /// Pod names.
+    pub endpoints: Vec<String>,
+}
+
+impl ServiceSpec {
+    pub fn new(name: &str, port: u16, target_port: u16, endpoints: &[&str]) -> Self {
+        Self {
+            name: name.into(),
+            namespace: "shop".into(),
+            port,
+            target_port,
+            endpoints: endpoints.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AgentOptions {
+    pub sockmap: bool,
+    pub drain_timeout_seconds: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    pub nodes: usize,
+    pub pods: Vec<PodSpec>,
+    pub services: Vec<ServiceSpec>,
+    pub agent: AgentOptions,
+}
+
+#[derive(Debug, Clone)]
+pub struct PodInfo {
+    pub spec: PodSpec,
+    pub netns: String,
+    pub cgroup: PathBuf,
+    pub ip4: Ipv4Addr,
+    pub ip6: Ipv6Addr,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceInfo {
+    pub spec: ServiceSpec,
+    pub vip4: Ipv4Addr,
+    pub vip6: Ipv6Addr,
+}
+
+pub struct Agent {
+    pub node: usize,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    pub access_log: PathBuf,
+    pub workloads: PathBuf,
+    child: Option<Child>,
+}
+
+pub struct Cluster {
+    pub run: String,
+    pub state_dir: PathBuf,
+    pub cgroup_dir: PathBuf,
+    pub bpffs: PathBuf,
+    pub pods: BTreeMap<String, PodInfo>,
+    pub services: BTreeMap<String, ServiceInfo>,
+    pub agents: Vec<Agent>,
+    pub spec: ClusterSpec,
+    pub lab_bin: PathBuf,
+    pub agent_bin: PathBuf,
+    background: Vec<Child>,
+}
+
+pub const EXTERNAL_V4: Ipv4Addr = Ipv4Addr::new(10, 240, 0, 200);
+pub const EXTERNAL_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x240, 0, 0, 0, 0, 0, 0x200);
+
+fn node_ip4(k: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 240, 0, k as u8 + 1)
+}
+fn node_ip6(k: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x240, 0, 0, 0, 0, 0, k as u16 + 1)
+}
+fn pod_ip4(k: usize, j: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, k as u8, 10 + j as u8)
+}
+fn pod_ip6(k: usize, j: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x244, k as u16, 0, 0, 0, 0, 10 + j as u16)
+}
+fn gw4(k: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, k as u8, 1)
+}
+fn gw6(k: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x244, k as u16, 0, 0, 0, 0, 1)
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Where the lab and agent binaries are: beside the running executable
+/// (target/<profile>/), or `NODEMESH_AGENT_BIN` / `NODEMESH_LAB_BIN`.
+pub fn default_binaries() -> Result<(PathBuf, PathBuf)> {
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    // Integration tests run from target/<profile>/deps.
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let pick = |var: &str, name: &str| -> Result<PathBuf> {
+        let p = std::env::var_os(var)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| dir.join(name));
+        if !p.is_file() {
+            bail!(
+                "{} not found (looked in {}); build it first: cargo xtask build",
+                name,
+                p.display()
+            );
+        }
+        Ok(p)
+    };
+    Ok((
+        pick("NODEMESH_LAB_BIN", "nodemesh-lab")?,
+        pick("NODEMESH_AGENT_BIN", "nodemesh-agent")?,
+    ))
+}
+
+/// Fails with a clear message unless the lab can run: root tests must fail,
+/// never skip, when they cannot set up.
+pub fn require_root() -> Result<()> {
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("the virtual cluster needs root (network namespaces, cgroups, bpffs): run as root");
+    }
+    Ok(())
+}
+
+impl Cluster {
+    pub fn start(spec: ClusterSpec) -> Result<Self> {
+        let (lab_bin, agent_bin) = default_binaries()?;
+        Self::start_with(spec, lab_bin, agent_bin)
+    }
+
+    pub fn start_with(spec: ClusterSpec, lab_bin: PathBuf, agent_bin: PathBuf) -> Result<Self> {
+        require_root()?;
+        sweep_leftovers();
+        let run = format!(
+            "{:x}{}",
+            std::process::id() % 0x10000,
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let state_dir = Path::new(STATE_ROOT).join(&run);
+        fs::create_dir_all(&state_dir)?;
+        fs::write(state_dir.join("owner"), std::process::id().to_string())?;
+        let cgroup_dir = sys::cgroup2_root()?.join(format!("{CGROUP_PREFIX}{run}"));
+        let mut cluster = Cluster {
+            run: run.clone(),
+            bpffs: state_dir.join("bpffs"),
+            state_dir,
+            cgroup_dir,
+            pods: BTreeMap::new(),
+            services: BTreeMap::new(),
+            agents: Vec::new(),
+            spec: spec.clone(),
+            lab_bin,
+            agent_bin,
+            background: Vec::new(),
+        };
+        // On error the half-built cluster is dropped, which cleans up.
+        cluster.build_network()?;
+        cluster.build_cgroups()?;
+        cluster.mount_bpffs()?;
+        for (i, s) in spec.services.iter().enumerate() {
+            cluster.services.insert(
+                s.name.clone(),
+                ServiceInfo {
+                    spec: s.clone(),
+                    vip4: Ipv4Addr::new(10, 96, 0, 10 + i as u8),
+                    vip6: Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 10 + i as u16),
+                },
+            );
+        }
+        for k in 0..spec.nodes {
+            let dir = cluster.state_dir.join(format!("node-{k}"));
+            fs::create_dir_all(&dir)?;
+            let agent = Agent {
+                node: k,
+                config: dir.join("agent.yaml"),
+                log: dir.join("agent.log"),
+                access_log: dir.join("access.log"),
+                workloads: dir.join("workloads.yaml"),
+                dir,
+                child: None,
+            };
+            cluster.agents.push(agent);
+            cluster.write_workloads(k)?;
+            cluster.write_agent_config(k)?;
+        }
+        for k in 0..spec.nodes {
+            cluster.start_agent(k)?;
+        }
+        Ok(cluster)
+    }
+
+    fn ns_fabric(&self) -> String {
+        format!("{NETNS_PREFIX}{}-fabric", self.run)
+    }
+    fn ns_ext(&self) -> String {
+        format!("{NETNS_PREFIX}{}-ext", self.run)
+    }
+    pub fn ns_node(&self, k: usize) -> String {
+        format!("{NETNS_PREFIX}{}-n{k}", self.run)
+    }
+
+    fn build_network(&mut self) -> Result<()> {
+        let fabric = self.ns_fabric();
+        sys::ip(&["netns", "add", &fabric])?;
+        sys::ip_in(&fabric, &["link", "add", "br0", "type", "bridge"])?;
+        sys::ip_in(&fabric, &["link", "set", "br0", "up"])?;
+        sys::ip_in(&fabric, &["link", "set", "lo", "up"])?;
+        let nodes = self.spec.nodes;
+        // The external host.
+        let ext = self.ns_ext();
+        sys::ip(&["netns", "add", &ext])?;
+        self.attach_to_fabric(&ext, "ext", &format!("{EXTERNAL_V4}/24"), &format!("{EXTERNAL_V6}/64"))?;
+        for k in 0..nodes {
+            sys::ip_in(&ext, &["route", "add", &format!("10.244.{k}.0/24"), "via", &node_ip4(k).to_string()])?;
+            sys::ip_in(&ext, &["-6", "route", "add", &format!("fd00:244:{k}::/64"), "via", &node_ip6(k).to_string()])?;
+        }
+        for k in 0..nodes {
+            let node = self.ns_node(k);
+            sys::ip(&["netns", "add", &node])?;
+            self.attach_to_fabric(&node, &format!("n{k}"), &format!("{}/24", node_ip4(k)), &format!("{}/64", node_ip6(k)))?;
+            sys::sysctl_in(&node, "net.ipv4.ip_forward", "1")?;
+            sys::sysctl_in(&node, "net.ipv6.conf.all.forwarding", "1")?;
+            sys::ip_in(&node, &["link", "add", "cbr0", "type", "bridge"])?;
+            sys::ip_in(&node, &["addr", "add", &format!("{}/24", gw4(k)), "dev", "cbr0"])?;
+            sys::ip_in(&node, &["addr", "add", &format!("{}/64", gw6(k)), "dev", "cbr0", "nodad"])?;
+            sys::ip_in(&node, &["link", "set", "cbr0", "up"])?;
+            for m in (0..nodes).filter(|m| *m != k) {
+                sys::ip_in(&node, &["route", "add", &format!("10.244.{m}.0/24"), "via", &node_ip4(m).to_string()])?;
+                sys::ip_in(&node, &["-6", "route", "add", &format!("fd00:244:{m}::/64"), "via", &node_ip6(m).to_string()])?;
+            }
+        }
+        let mut per_node = vec![0usize; nodes];
+        for spec in self.spec.pods.clone() {
+            if spec.node >= nodes {
+                bail!("pod {} is on node {} but the cluster has {nodes} nodes", spec.name, spec.node);
+            }
+            let k = spec.node;
+            let j = per_node[k];
+            per_node[k] += 1;
+            let node = self.ns_node(k);
+            let ns = format!("{node}-{}", spec.name);
+            sys::ip(&["netns", "add", &ns])?;
+            sys::ip_in(&ns, &["link", "set", "lo", "up"])?;
+            let host_if = format!("p{j}");
+            sys::ip_in(&node, &["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            sys::ip_in(&node, &["link", "set", &host_if, "master", "cbr0", "up"])?;
+            let (ip4, ip6) = (pod_ip4(k, j), pod_ip6(k, j));
+            sys::ip_in(&ns, &["addr", "add", &format!("{ip4}/24"), "dev", "eth0"])?;
+            sys::ip_in(&ns, &["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
+            sys::ip_in(&ns, &["link", "set", "eth0", "up"])?;
+            sys::ip_in(&ns, &["route", "add", "default", "via", &gw4(k).to_string()])?;
+            sys::ip_in(&ns, &["-6", "route", "add", "default", "via", &gw6(k).to_string()])?;
+            let cgroup = self.cgroup_dir.join(format!("node-{k}")).join(format!("pod-{}", spec.name));
+            self.pods.insert(
+                spec.name.clone(),
+                PodInfo {
+                    spec,
+                    netns: ns,
+                    cgroup,
+                    ip4,
+                    ip6,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn attach_to_fabric(&self, ns: &str, port: &str, v4: &str, v6: &str) -> Result<()> {
+        let fabric = self.ns_fabric();
+        sys::ip_in(&fabric, &["link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
+        sys::ip_in(&fabric, &["link", "set", port, "master", "br0", "up"])?;
+        sys::ip_in(ns, &["link", "set", "lo", "up"])?;
+        sys::ip_in(ns, &["addr", "add", v4, "dev", "eth0"])?;
+        sys::ip_in(ns, &["addr", "add", v6, "dev", "eth0", "nodad"])?;
+        sys::ip_in(ns, &["link", "set", "eth0", "up"])?;
+        Ok(())
+    }
+
+    fn build_cgroups(&self) -> Result<()> {
+        for k in 0..self.spec.nodes {
+            fs::create_dir_all(self.cgroup_dir.join(format!("node-{k}/agent")))
+                .with_context(|| format!("creating cgroups under {}", self.cgroup_dir.display()))?;
+        }
+        for pod in self.pods.values() {
+            fs::create_dir_all(&pod.cgroup)?;
+        }
+        Ok(())
+    }
+
+    fn mount_bpffs(&self) -> Result<()> {
+        fs::create_dir_all(&self.bpffs)?;
+        let out = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&self.bpffs)
+            .output()?;
+        if !out.status.success() {
+            bail!("mount -t bpf: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    }
+
+    /// The workloads file for node k, as the agent reads it.
+    pub fn workloads_yaml(&self, k: usize, enrolled: &dyn Fn(&PodInfo) -> bool) -> String {
+        let mut y = format!("node: node-{k}\npods:\n");
+        for p in self.pods.values() {
+            let local = p.spec.node == k;
+            if local && !enrolled(p) {
+                continue;
+            }
+            if !local && !p.spec.enrolled {
+                continue;
+            }
+            y += &format!(
+                "  - name: {}\n    namespace: {}\n    serviceAccount: {}\n    labels: {{app: {}}}\n    ips: [\"{}\", \"{}\"]\n    node: node-{}\n",
+                p.spec.name, p.spec.namespace, p.spec.service_account, p.spec.app, p.ip4, p.ip6, p.spec.node
+            );
+            if local {
+                y += &format!("    netns: /run/netns/{}\n", p.netns);
+            }
+        }
+        y += "services:\n";
+        for s in self.services.values() {
+            y += &format!(
+                "  - name: {}\n    namespace: {}\n    vips: [\"{}\", \"{}\"]\n    ports: [{{port: {}, targetPort: {}}}]\n    endpoints: [{}]\n",
+                s.spec.name,
+                s.spec.namespace,
+                s.vip4,
+                s.vip6,
+                s.spec.port,
+                s.spec.target_port,
+                s.spec.endpoints.join(", ")
+            );
+        }
+        y
+    }
+
+    fn write_workloads(&self, k: usize) -> Result<()> {
+        let y = self.workloads_yaml(k, &|p| p.spec.enrolled);
+        write_atomically(&self.agents[k].workloads, &y)
+    }
+
+    /// Rewrites node k's workloads file, enrolling exactly the local pods
+    /// for which `enrolled` is true (the agent picks the change up live).
+    pub fn set_enrolled(&self, k: usize, enrolled: &dyn Fn(&PodInfo) -> bool) -> Result<()> {
+        let y = self.workloads_yaml(k, enrolled);
+        write_atomically(&self.agents[k].workloads, &y)
+    }
+
+    /// Rewrites node k's agent config from `spec.agent` (takes effect at the
+    /// next start).
+    pub fn rewrite_agent_config(&self, k: usize) -> Result<()> {
+        self.write_agent_config(k)
+    }
+
+    fn write_agent_config(&self, k: usize) -> Result<()> {
+        let a = &self.agents[k];
+        let y = format!(
+            "workloadsFile: {}\ncgroupPath: {}\nbpffsDir: {}\naccessLog: {}\nsockmap: {}\ndrainTimeoutSeconds: {}\n",
+            a.workloads.display(),
+            self.cgroup_dir.join(format!("node-{k}")).display(),
+            self.bpffs.join(format!("node-{k}")).display(),
+            a.access_log.display(),
+            self.spec.agent.sockmap,
+            self.spec.agent.drain_timeout_seconds.unwrap_or(2),
+        );
+        fs::write(&a.config, y)?;
+        Ok(())
+    }
+
+    /// Starts node k's agent (in the node's netns and its agent cgroup) and
+    /// waits until it reports ready.
+    pub fn start_agent(&mut self, k: usize) -> Result<()> {
+        let cgroup = self.cgroup_dir.join(format!("node-{k}/agent"));
+        let netns = format!("/run/netns/{}", self.ns_node(k));
+        let a = &mut self.agents[k];
+        let log = fs::OpenOptions::new().create(true).append(true).open(&a.log)?;
+        let offset = log.metadata()?.len();
+        let child = Command::new(&self.lab_bin)
+            .process_group(0)
+            .arg("pod-exec")
+            .arg("--cgroup")
+            .arg(&cgroup)
+            .arg("--netns")
+            .arg(&netns)
+            .arg("--")
+            .arg(&self.agent_bin)
+            .arg("run")
+            .arg("--config")
+            .arg(&a.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting the agent")?;
+        a.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = fs::read_to_string(&a.log).unwrap_or_default();
+            let new = text.get(offset as usize..).unwrap_or("");
+            if new.contains("nodemesh agent ready") {
+                return Ok(());
+            }
+            if let Some(status) = a.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("agent {k} exited ({status}) before ready:\n{new}");
+            }
+            if Instant::now() > deadline {
+                bail!("agent {k} not ready after 20 s:\n{new}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn agent_pid(&self, k: usize) -> Option<u32> {
+        self.agents[k].child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, like a crash or an OOM kill.
+    pub fn kill_agent(&mut self, k: usize) -> Result<()> {
+        if let Some(mut c) = self.agents[k].child.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop_agent(&mut self, k: usize) -> Result<std::process::ExitStatus> {
+        let mut c = self.agents[k]
+            .child
+            .take()
+            .ok_or_else(|| anyhow!("agent {k} not running"))?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        Ok(c.wait()?)
+    }
+
+    pub fn agent_log(&self, k: usize) -> String {
+        fs::read_to_string(&self.agents[k].log).unwrap_or_default()
+    }
+
+    /// The access log of node k's agent, one JSON object per connection.
+    pub fn access_log(&self, k: usize) -> Vec<Value> {
+        let Ok(f) = fs::File::open(&self.agents[k].access_log) else {
+            return Vec::new();
+        };
+        std::io::BufReader::new(f)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str(&l).ok())
+            .collect()
+    }
+
+    /// `nodemesh-agent maps` for node k: entry counts of the pinned maps.
+    pub fn map_sizes(&self, k: usize) -> Result<Value> {
+        let out = Command::new(&self.agent_bin)
+            .arg("maps")
+            .arg("--config")
+            .arg(&self.agents[k].config)
+            .output()?;
+        if !out.status.success() {
+            bail!("nodemesh-agent maps: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    pub fn pod(&self, name: &str) -> &PodInfo {
+        self.pods
+            .get(name)
+            .unwrap_or_else(|| panic!("no pod {name} in the cluster"))
+    }
+
+    pub fn service(&self, name: &str) -> &ServiceInfo {
+        self.services
+            .get(name)
+            .unwrap_or_else(|| panic!("no service {name} in the cluster"))
+    }
+
+    /// A command running the lab binary inside a pod (its cgroup, then its
+    /// netns), e.g. `["serve", "--port", "8080"]`.
+    pub fn pod_command(&self, pod: &str, args: &[&str]) -> Command {
+        let p = self.pod(pod);
+        self.command_in(&p.cgroup, &format!("/run/netns/{}", p.netns), args)
+    }
+
+    /// The same for the external host (no cgroup of the cluster's).
+    pub fn external_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.lab_bin);
+        cmd.arg("pod-exec")
+            .arg("--netns")
+            .arg(format!("/run/netns/{}", self.ns_ext()))
+            .arg("--")
+            .arg(&self.lab_bin)
+            .args(args);
+        cmd
+    }
+
+    fn command_in(&self, cgroup: &Path, netns: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.lab_bin);
+        cmd.arg("pod-exec")
+            .arg("--cgroup")
+            .arg(cgroup)
+            .arg("--netns")
+            .arg(netns)
+            .arg("--")
+            .arg(&self.lab_bin)
+            .args(args);
+        cmd
+    }
+
+    /// Runs a lab command in a pod and parses the JSON it prints last.
+    pub fn run_in_pod(&self, pod: &str, args: &[&str]) -> Result<Value> {
+        run_json(self.pod_command(pod, args))
+    }
+
+    /// Starts a long-running lab command (a server) in a pod; it is killed
+    /// with the cluster. Waits until it prints its first line ("listening").
+    pub fn spawn_in_pod(&mut self, pod: &str, args: &[&str]) -> Result<PathBuf> {
+        let cmd = self.pod_command(pod, args);
+        self.spawn(cmd, &format!("{pod}-{}", self.background.len()))
+    }
+
+    pub fn spawn_external(&mut self, args: &[&str]) -> Result<PathBuf> {
+        let cmd = self.external_command(args);
+        self.spawn(cmd, &format!("ext-{}", self.background.len()))
+    }
+
+    fn spawn(&mut self, mut cmd: Command, name: &str) -> Result<PathBuf> {
+        let out = self.state_dir.join(format!("{name}.out"));
+        let f = fs::File::create(&out)?;
+        let child = cmd
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .spawn()?;
+        self.background.push(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fs::read_to_string(&out).unwrap_or_default().is_empty() {
+            if Instant::now() > deadline {
+                bail!("{name} printed nothing in 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let text = fs::read_to_string(&out)?;
+        if !text.contains("listening") {
+            bail!("{name} failed to start: {text}");
+        }
+        Ok(out)
+    }
+}
+
+pub fn run_json(mut cmd: Command) -> Result<Value> {
+    let out = cmd.output().context("running a lab command")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().rev().find(|l| l.starts_with('{'));
+    match last {
+        Some(l) => serde_json::from_str(l).with_context(|| format!("parsing {l}")),
+        None => bail!(
+            "lab command printed no result ({}): {}{}",
+            out.status,
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in self.background.iter_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for a in self.agents.iter_mut() {
+            if let Some(mut c) = a.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if let Err(e) = cleanup_run(&self.run) {
+            eprintln!("lab cleanup of run {}: {e:#}", self.run);
+        }
+    }
+}
+
+/// Removes everything a run created, whether or not it is still running.
+pub fn cleanup_run(run: &str) -> Result<()> {
+    let mut errors = Vec::new();
+    let cg = sys::cgroup2_root()?.join(format!("{CGROUP_PREFIX}{run}"));
+    if let Err(e) = sys::remove_cgroup_tree(&cg) {
+        errors.push(format!("{e:#}"));
+    }
+    let prefix = format!("{NETNS_PREFIX}{run}-");
+    for ns in sys::netns_list() {
+        if ns.starts_with(&prefix)
+            && let Err(e) = sys::ip(&["netns", "del", &ns])
+        {
+            errors.push(format!("{e:#}"));
+        }
+    }
+    let state = Path::new(STATE_ROOT).join(run);
+    let bpffs = state.join("bpffs");
+    if sys::is_mountpoint(&bpffs) {
+        // Pins go with the mount once nothing else holds them.
+        let _ = fs::remove_dir_all(&bpffs);
+        let out = Command::new("umount").arg(&bpffs).output();
+        if let Ok(o) = out
+            && !o.status.success()
+        {
+            errors.push(format!("umount {}: {}", bpffs.display(), String::from_utf8_lossy(&o.stderr)));
+        }
+    }
+    if !sys::is_mountpoint(&bpffs) {
+        let _ = fs::remove_dir_all(&state);
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow!(errors.join("; ")))
+    }
+}
+
+/// Removes what runs whose owner process is gone left behind.
+pub fn sweep_leftovers() {
+    let Ok(dir) = fs::read_dir(STATE_ROOT) else {
+        return;
+    };
+    for entry in dir.filter_map(|e| e.ok()) {
+        let run = entry.file_name().to_string_lossy().into_owned();
+        let owner = fs::read_to_string(entry.path().join("owner"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok());
+        let orphaned = match owner {
+            Some(pid) => !sys::pid_alive(pid),
+            None => true,
+        };
+        if orphaned {
+            eprintln!("lab: removing leftovers of run {run}");
+            if let Err(e) = cleanup_run(&run) {
+                eprintln!("lab: {e:#}");
+            }
+        }
+    }
+}
+
+/// An address of a pod or service in the family asked for.
+pub fn addr(ip4: Ipv4Addr, ip6: Ipv6Addr, v6: bool, port: u16) -> SocketAddr {
+    if v6 {
+        SocketAddr::new(IpAddr::V6(ip6), port)
+    } else {
+        SocketAddr::new(IpAddr::V4(ip4), port)
+    }
+}

@@ -1,0 +1,12 @@
+//! The virtual cluster and what runs on it: the test workloads, the demo
+//! and the benchmarks.
+#![forbid(unsafe_code)]
+
+pub mod bench;
+pub mod bench_client;
+pub mod cluster;
+pub mod demo;
+pub mod sys;
+pub mod workload;
+
+pub use cluster::{AgentOptions, Cluster, ClusterSpec, PodSpec, ServiceSpec};

@@ -1,0 +1,303 @@
+//! The programs that run inside pods: a test server with a one-line
+//! protocol, and clients that check what they get.
+//!
+//! Protocol: the client's first line names the mode.
+//! - `PEER`: the server answers with the peer address it sees.
+//! - `ECHO`: echoes until EOF, then shuts its write side.
+//! - `SINK`: reads to EOF, answers `<bytes> <sha256>` (tests client->server
+//!   half-close: the answer can only come after the client's FIN).
+//! - `SOURCE <n>`: sends n pattern bytes, shuts its write side, then still
+//!   reads to EOF (tests server->client half-close) and logs what it got.
+//! - `DISCARD`: reads to EOF, answers the byte count.
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use serde_json::json;
+use sha2::{Digest as _, Sha256};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{TcpListener, TcpStream},
+};
+
+const CHUNK: usize = 64 * 1024;
+
+/// Chunk `i` of the deterministic stream: its index, then a fixed pattern.
+/// Reordered or duplicated chunks change the checksum.
+fn pattern_chunk(i: u64, buf: &mut [u8]) {
+    for (j, b) in buf.iter_mut().enumerate() {
+        *b = (j as u8).wrapping_mul(31).wrapping_add(7);
+    }
+    let n = buf.len().min(8);
+    buf[..n].copy_from_slice(&i.to_le_bytes()[..n]);
+}
+
+/// The sha256 of the first `n` bytes of the pattern stream.
+pub fn pattern_sha(n: u64) -> String {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut left = n;
+    let mut i = 0;
+    while left > 0 {
+        let take = left.min(CHUNK as u64) as usize;
+        pattern_chunk(i, &mut buf[..take]);
+        h.update(&buf[..take]);
+        left -= take as u64;
+        i += 1;
+    }
+    hex(&h.finalize())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+async fn write_pattern(w: &mut (impl tokio::io::AsyncWrite + Unpin), n: u64) -> Result<()> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut left = n;
+    let mut i = 0;
+    while left > 0 {
+        let take = left.min(CHUNK as u64) as usize;
+        pattern_chunk(i, &mut buf[..take]);
+        w.write_all(&buf[..take]).await?;
+        left -= take as u64;
+        i += 1;
+    }
+    Ok(())
+}
+
+async fn read_to_end_hashing(r: &mut (impl tokio::io::AsyncRead + Unpin)) -> Result<(u64, String)> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        total += n as u64;
+    }
+    Ok((total, hex(&h.finalize())))
+}
+
+/// Serves the protocol on every address of the pod (v4 and v6) at `port`.
+pub async fn serve(port: u16) -> Result<()> {
+    let v4 = TcpListener::bind(("0.0.0.0", port)).await?;
+    let v6 = {
+        let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+        s.set_only_v6(true)?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::from(([0u16; 8], port)).into())?;
+        s.listen(4096)?;
+        s.set_nonblocking(true)?;
+        TcpListener::from_std(s.into())?
+    };
+    println!("{}", json!({"listening": port}));
+    let serve_one = |l: TcpListener| async move {
+        loop {
+            let Ok((s, peer)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                if let Err(e) = handle(s, peer).await {
+                    println!("{}", json!({"peer": peer.to_string(), "error": format!("{e:#}")}));
+                }
+            });
+        }
+    };
+    tokio::join!(serve_one(v4), serve_one(v6));
+    Ok(())
+}
+
+async fn handle(s: TcpStream, peer: SocketAddr) -> Result<()> {
+    s.set_nodelay(true)?;
+    let (r, mut w) = s.into_split();
+    let mut r = BufReader::with_capacity(CHUNK, r);
+    let mut line = String::new();
+    r.read_line(&mut line).await?;
+    let mut words = line.split_whitespace();
+    match words.next() {
+        Some("PEER") => {
+            w.write_all(format!("{peer}\n").as_bytes()).await?;
+            // Wait for the client's close so its FIN is seen here first.
+            let mut sink = Vec::new();
+            r.read_to_end(&mut sink).await?;
+        }
+        Some("ECHO") => {
+            tokio::io::copy_buf(&mut r, &mut w).await?;
+            w.shutdown().await?;
+        }
+        Some("SINK") => {
+            let (n, sha) = read_to_end_hashing(&mut r).await?;
+            w.write_all(format!("{n} {sha}\n").as_bytes()).await?;
+            w.shutdown().await?;
+        }
+        Some("DISCARD") => {
+            let mut buf = vec![0u8; CHUNK];
+            let mut n = 0u64;
+            loop {
+                let k = r.read(&mut buf).await?;
+                if k == 0 {
+                    break;
+                }
+                n += k as u64;
+            }
+            w.write_all(format!("{n}\n").as_bytes()).await?;
+            w.shutdown().await?;
+        }
+        Some("SOURCE") => {
+            let n: u64 = words.next().context("SOURCE needs a size")?.parse()?;
+            write_pattern(&mut w, n).await?;
+            w.shutdown().await?;
+            // Half-closed: this side can still receive.
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).await?;
+            println!(
+                "{}",
+                json!({"peer": peer.to_string(), "mode": "SOURCE", "after_shutdown": String::from_utf8_lossy(&got)})
+            );
+        }
+        other => bail!("unknown mode {other:?}"),
+    }
+    Ok(())
+}
+
+/// How a connection attempt ended, for tests that expect failures.
+pub fn classify(e: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        ConnectionRefused => "refused",
+        ConnectionReset | BrokenPipe | ConnectionAborted => "reset",
+        TimedOut | WouldBlock => "timeout",
+        UnexpectedEof => "eof",
+        _ => "error",
+    }
+}
+
+async fn connect(to: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(to))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// `PEER` round trip: what address the server saw.
+pub async fn peer(to: SocketAddr) -> std::io::Result<String> {
+    let mut s = connect(to).await?;
+    s.write_all(b"PEER\n").await?;
+    let mut r = BufReader::new(&mut s);
+    let mut line = String::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in 5 s"))??;
+    if n == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed without an answer",
+        ));
+    }
+    Ok(line.trim().to_owned())
+}
+
+pub async fn probe(to: SocketAddr) -> serde_json::Value {
+    match peer(to).await {
+        Ok(saw) => json!({"result": "ok", "server_saw": saw}),
+        Err(e) => json!({"result": classify(&e), "error": e.to_string()}),
+    }
+}
+
+/// Streams `bytes` pattern bytes, half-closes, and checks the server's sum.
+pub async fn send(to: SocketAddr, bytes: u64) -> Result<serde_json::Value> {
+    let started = Instant::now();
+    let s = connect(to).await?;
+    let (mut r, mut w) = s.into_split();
+    w.write_all(b"SINK\n").await?;
+    write_pattern(&mut w, bytes).await?;
+    w.shutdown().await?;
+    let mut answer = String::new();
+    r.read_to_string(&mut answer).await?;
+    let expected = format!("{bytes} {}", pattern_sha(bytes));
+    let ok = answer.trim() == expected;
+    Ok(json!({"ok": ok, "answer": answer.trim(), "expected": expected, "seconds": started.elapsed().as_secs_f64()}))
+}
+
+/// Fetches `bytes` from the server, checks them, then — after the server
+/// has half-closed — still sends a note the server must receive.
+pub async fn fetch(to: SocketAddr, bytes: u64) -> Result<serde_json::Value> {
+    let s = connect(to).await?;
+    let (mut r, mut w) = s.into_split();
+    w.write_all(format!("SOURCE {bytes}\n").as_bytes()).await?;
+    let (n, sha) = read_to_end_hashing(&mut r).await?;
+    w.write_all(b"after-eof").await?;
+    w.shutdown().await?;
+    let ok = n == bytes && sha == pattern_sha(bytes);
+    Ok(json!({"ok": ok, "bytes": n, "sha": sha}))
+}
+
+/// `n` connections open at once, each a `PEER` round trip.
+pub async fn concurrent(to: SocketAddr, n: usize) -> serde_json::Value {
+    // Open every connection before any completes, so they are concurrent.
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(n));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let barrier = barrier.clone();
+        tasks.spawn(async move {
+            let mut s = connect(to).await?;
+            barrier.wait().await;
+            s.write_all(b"PEER\n").await?;
+            let mut r = BufReader::new(&mut s);
+            let mut line = String::new();
+            r.read_line(&mut line).await?;
+            Ok::<_, std::io::Error>(line.trim().to_owned())
+        });
+    }
+    let mut ok = 0;
+    let mut errors = std::collections::BTreeMap::<String, usize>::new();
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(Ok(saw)) if !saw.is_empty() => {
+                ok += 1;
+                seen.insert(saw);
+            }
+            Ok(Ok(_)) => *errors.entry("empty".into()).or_default() += 1,
+            Ok(Err(e)) => *errors.entry(classify(&e).into()).or_default() += 1,
+            Err(e) => *errors.entry(format!("join: {e}")).or_default() += 1,
+        }
+    }
+    json!({"ok": ok, "distinct_peers": seen.len(), "errors": errors})
+}
+
+/// `n` short connections, `parallel` at a time, each a `PEER` round trip.
+pub async fn many(to: SocketAddr, n: usize, parallel: usize) -> serde_json::Value {
+    let counter = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..parallel.max(1) {
+        let counter = counter.clone();
+        tasks.spawn(async move {
+            let (mut ok, mut failed) = (0usize, 0usize);
+            while counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
+                match peer(to).await {
+                    Ok(_) => ok += 1,
+                    Err(_) => failed += 1,
+                }
+            }
+            (ok, failed)
+        });
+    }
+    let (mut ok, mut failed) = (0, 0);
+    while let Some(Ok((o, f))) = tasks.join_next().await {
+        ok += o;
+        failed += f;
+    }
+    json!({"ok": ok, "failed": failed})
+}
+
+/// Parses `ip:port` / `[ip6]:port`.
+pub fn parse_addr(s: &str) -> Result<SocketAddr> {
+    s.parse().map_err(|e| anyhow!("bad address {s}: {e}"))
+}

@@ -1,0 +1,196 @@
+//! Developer and CI tasks: `cargo xtask setup|build|test|demo|bench`.
+//!
+//! Every command first runs `setup`, which is idempotent and cached: nightly
+//! rust-src, and bpf-linker built against rustc's own libLLVM (so the two use
+//! the same LLVM), installed under `$XDG_CACHE_HOME/nodemesh/tools`.
+#![forbid(unsafe_code)]
+
+use std::{
+    env,
+    ffi::OsString,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use clap::{Parser, Subcommand};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_MAJOR: &str = "22";
+
+#[derive(Parser)]
+#[command(about = "nodemesh developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the eBPF build needs (idempotent, cached).
+    Setup,
+    /// Build the agent and the lab in release mode.
+    Build,
+    /// Every check: fmt, clippy, unit tests and the root end-to-end tests.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// A 2-node virtual cluster running an online store, with a live summary.
+    Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks on the virtual cluster: meshed vs direct TCP.
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root()?;
+    let path = setup(&root)?;
+    match cli.command {
+        Cmd::Setup => Ok(()),
+        Cmd::Build => build(&root, &path),
+        Cmd::Test { args } => test(&root, &path, &args),
+        Cmd::Demo { args } => run_lab(&root, &path, "demo", &args),
+        Cmd::Bench { args } => run_lab(&root, &path, "bench", &args),
+    }
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    Ok(manifest
+        .parent()
+        .ok_or_else(|| anyhow!("xtask has no parent directory"))?
+        .to_path_buf())
+}
+
+fn cache_dir() -> Result<PathBuf> {
+    if let Some(dir) = env::var_os("XDG_CACHE_HOME") {
+        return Ok(PathBuf::from(dir).join("nodemesh"));
+    }
+    let home = env::var_os("HOME").ok_or_else(|| anyhow!("neither XDG_CACHE_HOME nor HOME set"))?;
+    Ok(PathBuf::from(home).join(".cache").join("nodemesh"))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("could not start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+}
+
+/// Makes the eBPF toolchain available; returns the PATH to build with.
+fn setup(root: &Path) -> Result<OsString> {
+    let _ = root;
+    // rust-src for `-Z build-std=core` on the bpf target.
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+        .context("a nightly toolchain is needed for the eBPF build (rustup toolchain install nightly)")?;
+    let sysroot = PathBuf::from(sysroot);
+    if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    let libllvm = fs::read_dir(sysroot.join("lib"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("libLLVM.so.{LLVM_MAJOR}.")))
+        })
+        .ok_or_else(|| {
+            anyhow!(
+                "nightly's libLLVM.so.{LLVM_MAJOR}.* not found in {}: bpf-linker {BPF_LINKER_VERSION} \
+                 needs rustc's LLVM to be {LLVM_MAJOR}",
+                sysroot.display()
+            )
+        })?;
+    let llvm_name = libllvm
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| anyhow!("bad libLLVM name"))?
+        .to_owned();
+    // Keyed by the exact libLLVM build, so a new nightly rebuilds the linker.
+    let tools = cache_dir()?.join("tools");
+    let install_root = tools.join(format!("bpf-linker-{BPF_LINKER_VERSION}-{llvm_name}"));
+    let linker = install_root.join("bin/bpf-linker");
+    if !linker.is_file() {
+        let prefix = tools.join(format!("llvm-prefix-{llvm_name}"));
+        let lib = prefix.join("lib");
+        fs::create_dir_all(&lib)?;
+        for link in [
+            "libLLVM.so".to_owned(),
+            format!("libLLVM-{LLVM_MAJOR}.so"),
+            llvm_name.clone(),
+        ] {
+            let path = lib.join(&link);
+            let _ = fs::remove_file(&path);
+            std::os::unix::fs::symlink(&libllvm, &path)?;
+        }
+        eprintln!("building bpf-linker {BPF_LINKER_VERSION} against {} (once, ~75 s)", libllvm.display());
+        run(Command::new("cargo")
+            .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", &format!("llvm-{LLVM_MAJOR}")])
+            .arg("--root")
+            .arg(&install_root)
+            .env("LLVM_PREFIX", &prefix)
+            .current_dir(&tools))?;
+    }
+    let mut paths = vec![install_root.join("bin")];
+    if let Some(p) = env::var_os("PATH") {
+        paths.extend(env::split_paths(&p));
+    }
+    Ok(env::join_paths(paths)?)
+}
+
+fn cargo(root: &Path, path: &OsString) -> Command {
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root).env("PATH", path);
+    cmd
+}
+
+fn build(root: &Path, path: &OsString) -> Result<()> {
+    run(cargo(root, path).args(["build", "--release", "--bins"]))
+}
+
+fn test(root: &Path, path: &OsString, args: &[String]) -> Result<()> {
+    run(cargo(root, path).args(["fmt", "--all", "--check"]))?;
+    run(cargo(root, path).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    build(root, path)?;
+    // Root tests share kernel state (cgroups, bpffs, netns): one at a time.
+    run(cargo(root, path)
+        .args(["test", "--release", "--workspace"])
+        .args(args)
+        .args(["--", "--test-threads=1"]))
+}
+
+fn run_lab(root: &Path, path: &OsString, what: &str, args: &[String]) -> Result<()> {
+    build(root, path)?;
+    run(cargo(root, path)
+        .args(["run", "--quiet", "--release", "--bin", "nodemesh-lab", "--", what])
+        .args(args))
+}
