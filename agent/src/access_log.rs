@@ -27,9 +27,15 @@ pub struct Entry {
     pub error: Option<String>,
 }
 
+enum Message {
+    Entry(Entry),
+    /// Write out everything before this, then answer.
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
 #[derive(Clone)]
 pub struct AccessLog {
-    tx: Option<mpsc::UnboundedSender<Entry>>,
+    tx: Option<mpsc::UnboundedSender<Message>>,
 }
 
 impl AccessLog {
@@ -42,19 +48,26 @@ impl AccessLog {
             .create(true)
             .append(true)
             .open(path)?;
-        let (tx, mut rx) = mpsc::unbounded_channel::<Entry>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
         std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || {
                 let mut out = std::io::BufWriter::new(file);
-                while let Some(entry) = rx.blocking_recv() {
-                    let mut write = |e: &Entry| {
-                        let _ = serde_json::to_writer(&mut out, e);
+                let mut handle = |m: Message, out: &mut std::io::BufWriter<std::fs::File>| match m {
+                    Message::Entry(e) => {
+                        let _ = serde_json::to_writer(&mut *out, &e);
                         let _ = out.write_all(b"\n");
-                    };
-                    write(&entry);
+                    }
+                    Message::Flush(done) => {
+                        let _ = out.flush();
+                        let _ = done.send(());
+                    }
+                };
+                while let Some(m) = rx.blocking_recv() {
+                    handle(m, &mut out);
+                    // Batch whatever else is queued into one write.
                     while let Ok(more) = rx.try_recv() {
-                        write(&more);
+                        handle(more, &mut out);
                     }
                     let _ = out.flush();
                 }
@@ -64,7 +77,17 @@ impl AccessLog {
 
     pub fn log(&self, entry: Entry) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(entry);
+            let _ = tx.send(Message::Entry(entry));
+        }
+    }
+
+    /// Waits (at most `limit`) until everything logged so far is written.
+    pub fn flush(&self, limit: std::time::Duration) {
+        if let Some(tx) = &self.tx {
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            if tx.send(Message::Flush(done_tx)).is_ok() {
+                let _ = done_rx.recv_timeout(limit);
+            }
         }
     }
 }

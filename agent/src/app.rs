@@ -106,6 +106,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     } else {
         info!("drained");
     }
+    shared.access_log.flush(Duration::from_secs(2));
     Ok(())
 }
 

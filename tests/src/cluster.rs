@@ -397,7 +397,11 @@ impl Cluster {
                 y += &format!("    netns: /run/netns/{}\n", p.netns);
             }
         }
-        y += "services:\n";
+        if self.services.is_empty() {
+            y += "services: []\n";
+        } else {
+            y += "services:\n";
+        }
         for s in self.services.values() {
             y += &format!(
                 "  - name: {}\n    namespace: {}\n    vips: [\"{}\", \"{}\"]\n    ports: [{{port: {}, targetPort: {}}}]\n    endpoints: [{}]\n",

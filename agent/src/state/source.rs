@@ -39,7 +39,10 @@ impl FileWorkloadSource {
         let file_name = path.file_name().map(|n| n.to_owned());
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                // Only writes, creations, renames and removals: reading the
+                // file (the agent itself does) must not trigger a reload.
                 let relevant = match &event {
+                    Ok(e) if e.kind.is_access() || e.kind.is_other() => false,
                     Ok(e) => e.paths.iter().any(|p| {
                         p.file_name() == file_name.as_deref()
                             || p.file_name().is_some_and(|n| n == "..data")
