@@ -28,7 +28,7 @@ pub struct Entry {
 }
 
 enum Message {
-    Entry(Entry),
+    Entry(Box<Entry>),
     /// Write out everything before this, then answer.
     Flush(std::sync::mpsc::Sender<()>),
 }
@@ -53,7 +53,7 @@ impl AccessLog {
             .name("access-log".into())
             .spawn(move || {
                 let mut out = std::io::BufWriter::new(file);
-                let mut handle = |m: Message, out: &mut std::io::BufWriter<std::fs::File>| match m {
+                let handle = |m: Message, out: &mut std::io::BufWriter<std::fs::File>| match m {
                     Message::Entry(e) => {
                         let _ = serde_json::to_writer(&mut *out, &e);
                         let _ = out.write_all(b"\n");
@@ -77,7 +77,7 @@ impl AccessLog {
 
     pub fn log(&self, entry: Entry) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(Message::Entry(entry));
+            let _ = tx.send(Message::Entry(Box::new(entry)));
         }
     }
 

@@ -61,7 +61,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let snapshot = workloads.borrow_and_update().clone();
     enrolment.reconcile(&snapshot);
     // Entries a previous agent left for pods that are gone.
-    let current: HashSet<u64> = enrolment.pods.values().map(|p| p.local.netns_cookie).collect();
+    let current: HashSet<u64> = enrolment
+        .pods
+        .values()
+        .map(|p| p.local.netns_cookie)
+        .collect();
     for cookie in kernel.enrolled_cookies() {
         if !current.contains(&cookie) {
             kernel.unenrol(cookie);
@@ -102,7 +106,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     enrolment.stop_listening();
     let left = drain.drain(config.drain_timeout()).await;
     if left > 0 {
-        warn!(left, "drain deadline reached; closing remaining connections");
+        warn!(
+            left,
+            "drain deadline reached; closing remaining connections"
+        );
     } else {
         info!("drained");
     }
@@ -152,8 +159,7 @@ impl Enrolment {
     /// listeners and a map entry, removed ones lose both, changed ones are
     /// re-enrolled.
     fn reconcile(&mut self, workloads: &Workloads) {
-        let desired: HashMap<PodKey, &Pod> =
-            workloads.local_pods().map(|p| (p.key(), p)).collect();
+        let desired: HashMap<PodKey, &Pod> = workloads.local_pods().map(|p| (p.key(), p)).collect();
         let gone: Vec<PodKey> = self
             .pods
             .iter()
@@ -227,13 +233,9 @@ impl Enrolment {
         } else {
             0
         };
-        self.shared.kernel.enrol(
-            cookie,
-            EnrolledPod {
-                workload_id,
-                flags,
-            },
-        )?;
+        self.shared
+            .kernel
+            .enrol(cookie, EnrolledPod { workload_id, flags })?;
         Ok(EnrolledState { local, listeners })
     }
 

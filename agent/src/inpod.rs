@@ -86,9 +86,8 @@ impl PodNetns {
     /// An unconnected TCP socket inside the pod, carrying the agent's mark
     /// so the kernel programs leave it alone.
     pub fn socket(&self, peer: SocketAddr, mark: u32) -> io::Result<tokio::net::TcpSocket> {
-        let socket = self.run(|| {
-            Socket::new(Domain::for_address(peer), Type::STREAM, Some(Protocol::TCP))
-        })?;
+        let socket =
+            self.run(|| Socket::new(Domain::for_address(peer), Type::STREAM, Some(Protocol::TCP)))?;
         socket.set_mark(mark)?;
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;

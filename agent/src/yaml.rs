@@ -45,7 +45,10 @@ pub fn read_file<T: DeserializeOwned>(path: &Path) -> Result<T, YamlError> {
     })?;
     let text = String::from_utf8(bytes).map_err(|e| YamlError::Parse {
         path: path.to_owned(),
-        message: format!("not UTF-8 (invalid byte at offset {})", e.utf8_error().valid_up_to()),
+        message: format!(
+            "not UTF-8 (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        ),
     })?;
     parse_str(path, &text)
 }

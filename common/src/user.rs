@@ -69,3 +69,28 @@ pub fn words_to_ip(words: Ip6Words) -> IpAddr {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_round_trip_and_match_the_kernel_layout() {
+        for ip in ["10.244.1.10", "127.0.0.1", "fd00:244:1::a", "::1"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(words_to_ip(ip_to_words(ip)), ip);
+        }
+        // IPv4 is stored v4-mapped, in network order, as the programs do.
+        let w = ip_to_words("10.0.0.1".parse().unwrap());
+        assert!(crate::is_v4_mapped(&w));
+        assert_eq!(w, crate::v4_mapped(u32::from_ne_bytes([10, 0, 0, 1])));
+    }
+
+    #[test]
+    fn map_types_have_no_implicit_padding() {
+        use core::mem::size_of;
+        assert_eq!(size_of::<FlowKey>(), 8 + 16 + 16 + 2 + 2 + 4);
+        assert_eq!(size_of::<OrigDst>(), 16 + 2 + 2 + 4 + 8);
+        assert_eq!(size_of::<SockKey>(), 16 + 16 + 4 + 4);
+        assert_eq!(size_of::<EnrolledPod>(), 8);
+    }
+}

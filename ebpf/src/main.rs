@@ -29,8 +29,8 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use nodemesh_common::{
     AF_INET, AF_INET6, ENROLLED_CAPACITY, ENROLLED_FLAG_SOCKMAP, EnrolledPod, FlowKey, Ip6Words,
-    ORIG_DST_CAPACITY, OUTBOUND_PORT, OrigDst, PENDING_CAPACITY, ProgramConfig,
-    SOCKHASH_CAPACITY, SockKey, counter, is_v4_mapped, v4_mapped,
+    ORIG_DST_CAPACITY, OUTBOUND_PORT, OrigDst, PENDING_CAPACITY, ProgramConfig, SOCKHASH_CAPACITY,
+    SockKey, counter, is_v4_mapped, v4_mapped,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -146,7 +146,7 @@ fn record_pending(ctx: &SockAddrContext, addr: Ip6Words, port: u16, family: u16)
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: read-only copy of a value; a concurrent unenrol only makes the
     // copy stale, which the agent rejects.
-    let Some(pod) = (unsafe { ENROLLED.get(&netns_cookie) }).copied() else {
+    let Some(pod) = (unsafe { ENROLLED.get(netns_cookie) }).copied() else {
         return Verdict::Pass;
     };
     // The agent's own sockets in the pod netns carry its mark.
@@ -166,7 +166,7 @@ fn record_pending(ctx: &SockAddrContext, addr: Ip6Words, port: u16, family: u16)
         workload_id: pod.workload_id,
         netns_cookie,
     };
-    if PENDING.insert(&socket_cookie, &orig, BPF_ANY as u64).is_err() {
+    if PENDING.insert(socket_cookie, orig, BPF_ANY as u64).is_err() {
         // Never a silent bypass: without a record the connection must fail.
         bump(counter::PENDING_FULL);
         return Verdict::Reject;
@@ -181,11 +181,7 @@ pub fn nm_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(&ctx),
-        BPF_SOCK_OPS_STATE_CB => {
-            if ctx.arg(1) == BPF_TCP_CLOSE {
-                on_close(&ctx);
-            }
-        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(&ctx),
         _ => {}
     }
     1
@@ -195,7 +191,7 @@ pub fn nm_sock_ops(ctx: SockOpsContext) -> u32 {
 fn on_connect(ctx: &SockOpsContext) {
     // SAFETY: helper valid for sockops.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if PENDING.get_ptr(&cookie).is_some() {
+    if PENDING.get_ptr(cookie).is_some() {
         // Ask for TCP_CLOSE so both records are removed whatever happens.
         let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     }
@@ -222,7 +218,13 @@ fn local_remote(ctx: &SockOpsContext) -> (Ip6Words, Ip6Words) {
 }
 
 #[inline(always)]
-fn select_family(family: u32, l4: u32, r4: u32, l6: Ip6Words, r6: Ip6Words) -> (Ip6Words, Ip6Words) {
+fn select_family(
+    family: u32,
+    l4: u32,
+    r4: u32,
+    l6: Ip6Words,
+    r6: Ip6Words,
+) -> (Ip6Words, Ip6Words) {
     if family == u32::from(AF_INET) {
         (v4_mapped(l4), v4_mapped(r4))
     } else {
@@ -263,14 +265,14 @@ fn flow_key(ctx: &SockOpsContext, netns_cookie: u64) -> FlowKey {
 fn on_active_established(ctx: &SockOpsContext) {
     // SAFETY: helpers valid for sockops (netns cookie: Linux 5.15+).
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(orig) = PENDING.get_ptr(&cookie) else {
+    let Some(orig) = PENDING.get_ptr(cookie) else {
         return;
     };
     // SAFETY: copied out before the entry is removed below.
     let orig = unsafe { *orig };
-    let _ = PENDING.remove(&cookie);
+    let _ = PENDING.remove(cookie);
     let key = flow_key(ctx, orig.netns_cookie);
-    if ORIG_DST.insert(&key, &orig, BPF_NOEXIST as u64).is_err() {
+    if ORIG_DST.insert(key, orig, BPF_NOEXIST as u64).is_err() {
         // The agent finds no record and resets the connection: fail closed.
         bump(counter::ORIG_DST_FULL);
         return;
@@ -279,7 +281,7 @@ fn on_active_established(ctx: &SockOpsContext) {
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     if config().sockmap_enabled != 0 {
         // SAFETY: read-only copy.
-        let flags = unsafe { ENROLLED.get(&orig.netns_cookie) }
+        let flags = unsafe { ENROLLED.get(orig.netns_cookie) }
             .map(|p| p.flags)
             .unwrap_or(0);
         if flags & ENROLLED_FLAG_SOCKMAP != 0 {
@@ -305,9 +307,9 @@ fn on_active_established(ctx: &SockOpsContext) {
 fn on_close(ctx: &SockOpsContext) {
     // SAFETY: helpers valid for sockops.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let _ = PENDING.remove(&cookie);
+    let _ = PENDING.remove(cookie);
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let _ = ORIG_DST.remove(&flow_key(ctx, netns_cookie));
+    let _ = ORIG_DST.remove(flow_key(ctx, netns_cookie));
 }
 
 /// Sends what the agent writes to an app socket straight to that socket's
@@ -350,7 +352,8 @@ pub fn nm_sk_msg(ctx: SkMsgContext) -> u32 {
     SK_PASS
 }
 
-#[cfg(not(test))]
+// Only for the bpf target: host-side `cargo clippy` links std's.
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
     loop {}

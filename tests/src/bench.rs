@@ -65,7 +65,16 @@ impl Runner<'_> {
             let cpu0 = agent_pid.map(cpu_seconds);
             let v = self.client(
                 pod,
-                &["bench-client", "stream", "--to", to, "--secs", &secs, "--streams", streams],
+                &[
+                    "bench-client",
+                    "stream",
+                    "--to",
+                    to,
+                    "--secs",
+                    &secs,
+                    "--streams",
+                    streams,
+                ],
             )?;
             let mut v = v;
             if let (Some(pid), Some(c0)) = (agent_pid, cpu0) {
@@ -138,12 +147,27 @@ pub fn run(secs: f64, out: &Path) -> Result<()> {
 fn print_table(s: &Value) {
     let r = &s["results"];
     let metrics: [(&str, &str, &str, bool); 6] = [
-        ("throughput 1 stream (Gbit/s)", "stream_1", "gbit_per_s", true),
-        ("throughput 8 streams (Gbit/s)", "stream_8", "gbit_per_s", true),
+        (
+            "throughput 1 stream (Gbit/s)",
+            "stream_1",
+            "gbit_per_s",
+            true,
+        ),
+        (
+            "throughput 8 streams (Gbit/s)",
+            "stream_8",
+            "gbit_per_s",
+            true,
+        ),
         ("64 B req/resp p50 (us)", "rr", "p50_us", false),
         ("64 B req/resp p99 (us)", "rr", "p99_us", false),
         ("new connections/s", "crr", "per_second", true),
-        ("agent CPU s/GiB (8 streams)", "stream_8", "agent_cpu_s_per_gib", false),
+        (
+            "agent CPU s/GiB (8 streams)",
+            "stream_8",
+            "agent_cpu_s_per_gib",
+            false,
+        ),
     ];
     println!(
         "\n{:<11} {:<30} {:>10} {:>10} {:>7} {:>10} {:>7}",

@@ -18,8 +18,8 @@ use std::{
     collections::BTreeMap,
     fs,
     io::{BufRead as _, Write as _},
-    os::unix::process::CommandExt as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -288,30 +288,95 @@ impl Cluster {
         // The external host.
         let ext = self.ns_ext();
         sys::ip(&["netns", "add", &ext])?;
-        self.attach_to_fabric(&ext, "ext", &format!("{EXTERNAL_V4}/24"), &format!("{EXTERNAL_V6}/64"))?;
+        self.attach_to_fabric(
+            &ext,
+            "ext",
+            &format!("{EXTERNAL_V4}/24"),
+            &format!("{EXTERNAL_V6}/64"),
+        )?;
         for k in 0..nodes {
-            sys::ip_in(&ext, &["route", "add", &format!("10.244.{k}.0/24"), "via", &node_ip4(k).to_string()])?;
-            sys::ip_in(&ext, &["-6", "route", "add", &format!("fd00:244:{k}::/64"), "via", &node_ip6(k).to_string()])?;
+            sys::ip_in(
+                &ext,
+                &[
+                    "route",
+                    "add",
+                    &format!("10.244.{k}.0/24"),
+                    "via",
+                    &node_ip4(k).to_string(),
+                ],
+            )?;
+            sys::ip_in(
+                &ext,
+                &[
+                    "-6",
+                    "route",
+                    "add",
+                    &format!("fd00:244:{k}::/64"),
+                    "via",
+                    &node_ip6(k).to_string(),
+                ],
+            )?;
         }
         for k in 0..nodes {
             let node = self.ns_node(k);
             sys::ip(&["netns", "add", &node])?;
-            self.attach_to_fabric(&node, &format!("n{k}"), &format!("{}/24", node_ip4(k)), &format!("{}/64", node_ip6(k)))?;
+            self.attach_to_fabric(
+                &node,
+                &format!("n{k}"),
+                &format!("{}/24", node_ip4(k)),
+                &format!("{}/64", node_ip6(k)),
+            )?;
             sys::sysctl_in(&node, "net.ipv4.ip_forward", "1")?;
             sys::sysctl_in(&node, "net.ipv6.conf.all.forwarding", "1")?;
             sys::ip_in(&node, &["link", "add", "cbr0", "type", "bridge"])?;
-            sys::ip_in(&node, &["addr", "add", &format!("{}/24", gw4(k)), "dev", "cbr0"])?;
-            sys::ip_in(&node, &["addr", "add", &format!("{}/64", gw6(k)), "dev", "cbr0", "nodad"])?;
+            sys::ip_in(
+                &node,
+                &["addr", "add", &format!("{}/24", gw4(k)), "dev", "cbr0"],
+            )?;
+            sys::ip_in(
+                &node,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{}/64", gw6(k)),
+                    "dev",
+                    "cbr0",
+                    "nodad",
+                ],
+            )?;
             sys::ip_in(&node, &["link", "set", "cbr0", "up"])?;
             for m in (0..nodes).filter(|m| *m != k) {
-                sys::ip_in(&node, &["route", "add", &format!("10.244.{m}.0/24"), "via", &node_ip4(m).to_string()])?;
-                sys::ip_in(&node, &["-6", "route", "add", &format!("fd00:244:{m}::/64"), "via", &node_ip6(m).to_string()])?;
+                sys::ip_in(
+                    &node,
+                    &[
+                        "route",
+                        "add",
+                        &format!("10.244.{m}.0/24"),
+                        "via",
+                        &node_ip4(m).to_string(),
+                    ],
+                )?;
+                sys::ip_in(
+                    &node,
+                    &[
+                        "-6",
+                        "route",
+                        "add",
+                        &format!("fd00:244:{m}::/64"),
+                        "via",
+                        &node_ip6(m).to_string(),
+                    ],
+                )?;
             }
         }
         let mut per_node = vec![0usize; nodes];
         for spec in self.spec.pods.clone() {
             if spec.node >= nodes {
-                bail!("pod {} is on node {} but the cluster has {nodes} nodes", spec.name, spec.node);
+                bail!(
+                    "pod {} is on node {} but the cluster has {nodes} nodes",
+                    spec.name,
+                    spec.node
+                );
             }
             let k = spec.node;
             let j = per_node[k];
@@ -321,15 +386,32 @@ impl Cluster {
             sys::ip(&["netns", "add", &ns])?;
             sys::ip_in(&ns, &["link", "set", "lo", "up"])?;
             let host_if = format!("p{j}");
-            sys::ip_in(&node, &["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            sys::ip_in(
+                &node,
+                &[
+                    "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+                ],
+            )?;
             sys::ip_in(&node, &["link", "set", &host_if, "master", "cbr0", "up"])?;
             let (ip4, ip6) = (pod_ip4(k, j), pod_ip6(k, j));
             sys::ip_in(&ns, &["addr", "add", &format!("{ip4}/24"), "dev", "eth0"])?;
-            sys::ip_in(&ns, &["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
+            sys::ip_in(
+                &ns,
+                &["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"],
+            )?;
             sys::ip_in(&ns, &["link", "set", "eth0", "up"])?;
-            sys::ip_in(&ns, &["route", "add", "default", "via", &gw4(k).to_string()])?;
-            sys::ip_in(&ns, &["-6", "route", "add", "default", "via", &gw6(k).to_string()])?;
-            let cgroup = self.cgroup_dir.join(format!("node-{k}")).join(format!("pod-{}", spec.name));
+            sys::ip_in(
+                &ns,
+                &["route", "add", "default", "via", &gw4(k).to_string()],
+            )?;
+            sys::ip_in(
+                &ns,
+                &["-6", "route", "add", "default", "via", &gw6(k).to_string()],
+            )?;
+            let cgroup = self
+                .cgroup_dir
+                .join(format!("node-{k}"))
+                .join(format!("pod-{}", spec.name));
             self.pods.insert(
                 spec.name.clone(),
                 PodInfo {
@@ -346,7 +428,12 @@ impl Cluster {
 
     fn attach_to_fabric(&self, ns: &str, port: &str, v4: &str, v6: &str) -> Result<()> {
         let fabric = self.ns_fabric();
-        sys::ip_in(&fabric, &["link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
+        sys::ip_in(
+            &fabric,
+            &[
+                "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns,
+            ],
+        )?;
         sys::ip_in(&fabric, &["link", "set", port, "master", "br0", "up"])?;
         sys::ip_in(ns, &["link", "set", "lo", "up"])?;
         sys::ip_in(ns, &["addr", "add", v4, "dev", "eth0"])?;
@@ -373,7 +460,10 @@ impl Cluster {
             .arg(&self.bpffs)
             .output()?;
         if !out.status.success() {
-            bail!("mount -t bpf: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "mount -t bpf: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(())
     }
@@ -391,7 +481,13 @@ impl Cluster {
             }
             y += &format!(
                 "  - name: {}\n    namespace: {}\n    serviceAccount: {}\n    labels: {{app: {}}}\n    ips: [\"{}\", \"{}\"]\n    node: node-{}\n",
-                p.spec.name, p.spec.namespace, p.spec.service_account, p.spec.app, p.ip4, p.ip6, p.spec.node
+                p.spec.name,
+                p.spec.namespace,
+                p.spec.service_account,
+                p.spec.app,
+                p.ip4,
+                p.ip6,
+                p.spec.node
             );
             if local {
                 y += &format!("    netns: /run/netns/{}\n", p.netns);
@@ -456,7 +552,10 @@ impl Cluster {
         let cgroup = self.cgroup_dir.join(format!("node-{k}/agent"));
         let netns = format!("/run/netns/{}", self.ns_node(k));
         let a = &mut self.agents[k];
-        let log = fs::OpenOptions::new().create(true).append(true).open(&a.log)?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&a.log)?;
         let offset = log.metadata()?.len();
         let child = Command::new(&self.lab_bin)
             .process_group(0)
@@ -543,7 +642,10 @@ impl Cluster {
             .arg(&self.agents[k].config)
             .output()?;
         if !out.status.success() {
-            bail!("nodemesh-agent maps: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "nodemesh-agent maps: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(serde_json::from_slice(&out.stdout)?)
     }
@@ -700,7 +802,11 @@ pub fn cleanup_run(run: &str) -> Result<()> {
         if let Ok(o) = out
             && !o.status.success()
         {
-            errors.push(format!("umount {}: {}", bpffs.display(), String::from_utf8_lossy(&o.stderr)));
+            errors.push(format!(
+                "umount {}: {}",
+                bpffs.display(),
+                String::from_utf8_lossy(&o.stderr)
+            ));
         }
     }
     if !sys::is_mountpoint(&bpffs) {

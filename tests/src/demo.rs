@@ -87,10 +87,18 @@ pub fn run(duration: Option<u64>) -> Result<()> {
         ("auth", vec![]),
         ("promotions", vec![vip(&c, "catalogue")]),
         ("cart", vec![vip(&c, "catalogue"), vip(&c, "promotions")]),
-        ("orders", vec![vip(&c, "cart"), vip(&c, "auth"), notifications]),
+        (
+            "orders",
+            vec![vip(&c, "cart"), vip(&c, "auth"), notifications],
+        ),
         (
             "frontend",
-            vec![vip(&c, "cart"), vip(&c, "catalogue"), vip(&c, "promotions"), vip(&c, "orders")],
+            vec![
+                vip(&c, "cart"),
+                vip(&c, "catalogue"),
+                vip(&c, "promotions"),
+                vip(&c, "orders"),
+            ],
         ),
     ];
     for (pod, calls) in plan {

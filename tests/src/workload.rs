@@ -103,7 +103,10 @@ pub async fn serve(port: u16) -> Result<()> {
             };
             tokio::spawn(async move {
                 if let Err(e) = handle(s, peer).await {
-                    println!("{}", json!({"peer": peer.to_string(), "error": format!("{e:#}")}));
+                    println!(
+                        "{}",
+                        json!({"peer": peer.to_string(), "error": format!("{e:#}")})
+                    );
                 }
             });
         }
@@ -222,7 +225,9 @@ pub async fn send(to: SocketAddr, bytes: u64) -> Result<serde_json::Value> {
     r.read_to_string(&mut answer).await?;
     let expected = format!("{bytes} {}", pattern_sha(bytes));
     let ok = answer.trim() == expected;
-    Ok(json!({"ok": ok, "answer": answer.trim(), "expected": expected, "seconds": started.elapsed().as_secs_f64()}))
+    Ok(
+        json!({"ok": ok, "answer": answer.trim(), "expected": expected, "seconds": started.elapsed().as_secs_f64()}),
+    )
 }
 
 /// Fetches `bytes` from the server, checks them, then — after the server

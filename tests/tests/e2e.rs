@@ -69,7 +69,13 @@ fn cross_node_service_and_external_land_with_original_destination() {
     let r = probe(&c, "client", &remote);
     assert_eq!(r["result"], "ok", "{r}");
     // Forwarded from inside the client's netns: the server sees the pod IP.
-    assert!(r["server_saw"].as_str().unwrap().starts_with(&format!("{client_ip}:")), "{r}");
+    assert!(
+        r["server_saw"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{client_ip}:")),
+        "{r}"
+    );
     let e = log_entries(&c, 0, |e| e["orig_dst"] == remote.as_str());
     assert_eq!(e.len(), 1, "{e:?}");
     assert_eq!(e[0]["src_workload"], "shop/client");
@@ -106,18 +112,27 @@ fn one_gib_intact_and_half_close_both_ways() {
     // Client -> server, then the client's FIN; the server's checksum answer
     // can only arrive after that FIN crossed the agent.
     let r = c
-        .run_in_pod("client", &["client", "send", "--to", &remote, "--bytes", &gib])
+        .run_in_pod(
+            "client",
+            &["client", "send", "--to", &remote, "--bytes", &gib],
+        )
         .unwrap();
     assert_eq!(r["ok"], true, "{r}");
     // Server -> client, then the server's FIN; afterwards the client still
     // sends, and the half-closed server must receive it.
     let mib64 = (64u64 << 20).to_string();
     let r = c
-        .run_in_pod("client", &["client", "fetch", "--to", &remote, "--bytes", &mib64])
+        .run_in_pod(
+            "client",
+            &["client", "fetch", "--to", &remote, "--bytes", &mib64],
+        )
         .unwrap();
     assert_eq!(r["ok"], true, "{r}");
     let server_out = std::fs::read_to_string(c.state_dir.join("server-remote-1.out")).unwrap();
-    assert!(server_out.contains("\"after_shutdown\":\"after-eof\""), "{server_out}");
+    assert!(
+        server_out.contains("\"after_shutdown\":\"after-eof\""),
+        "{server_out}"
+    );
     let e = log_entries(&c, 0, |e| e["bytes_sent"].as_u64() > Some(1 << 30));
     assert_eq!(e.len(), 1, "the 1 GiB connection is in the access log");
 }
@@ -132,12 +147,19 @@ fn unenrolled_namespaces_and_agent_sockets_are_never_redirected() {
     // exempt them, or every proxied connection would loop back to it.
     let pid = c.agent_pid(0).unwrap();
     let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    assert!(cg.contains("/node-0/agent"), "agent not in the node cgroup: {cg}");
+    assert!(
+        cg.contains("/node-0/agent"),
+        "agent not in the node cgroup: {cg}"
+    );
     let r = probe(&c, "client", &remote);
     assert_eq!(r["result"], "ok", "{r}");
     std::thread::sleep(Duration::from_millis(300));
     let all = c.access_log(0);
-    assert_eq!(all.len(), 1, "one connection, one proxied connection: {all:?}");
+    assert_eq!(
+        all.len(),
+        1,
+        "one connection, one proxied connection: {all:?}"
+    );
 
     // An enrolled cgroup but a netns that is not enrolled: untouched.
     let r = probe(&c, "outsider", &remote);
@@ -151,9 +173,11 @@ fn unenrolled_namespaces_and_agent_sockets_are_never_redirected() {
     // did not redirect it, so there is no original destination.
     let r = probe(&c, "client", "127.0.0.1:15001");
     assert!(r["result"] == "reset" || r["result"] == "eof", "{r}");
-    wait_for("the refusal in the agent log", Duration::from_secs(3), || {
-        c.agent_log(0).contains("not redirected by the kernel")
-    });
+    wait_for(
+        "the refusal in the agent log",
+        Duration::from_secs(3),
+        || c.agent_log(0).contains("not redirected by the kernel"),
+    );
 }
 
 #[test]
@@ -161,27 +185,38 @@ fn thousand_concurrent_then_ten_thousand_and_maps_back_to_idle() {
     let c = standard();
     let remote = format!("{}:8080", c.pod("server-remote").ip4);
     let r = c
-        .run_in_pod("client", &["client", "concurrent", "--to", &remote, "--n", "1000"])
+        .run_in_pod(
+            "client",
+            &["client", "concurrent", "--to", &remote, "--n", "1000"],
+        )
         .unwrap();
     assert_eq!(r["ok"], 1000, "{r}");
     assert_eq!(r["distinct_peers"], 1000, "{r}");
     let r = c
         .run_in_pod(
             "client",
-            &["client", "many", "--to", &remote, "--n", "10000", "--parallel", "16"],
+            &[
+                "client",
+                "many",
+                "--to",
+                &remote,
+                "--n",
+                "10000",
+                "--parallel",
+                "16",
+            ],
         )
         .unwrap();
     assert_eq!(r["ok"], 10000, "{r}");
-    let mut last = Value::Null;
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        last = c.map_sizes(0).unwrap();
+    let last = loop {
+        let last = c.map_sizes(0).unwrap();
         if last["NM_PENDING"] == 0 && last["NM_ORIG_DST"] == 0 && last["NM_SOCKHASH"] == 0 {
-            break;
+            break last;
         }
         assert!(Instant::now() < deadline, "maps not back to idle: {last}");
         std::thread::sleep(Duration::from_millis(100));
-    }
+    };
     // One enrolment per enrolled local pod (client, server-local).
     assert_eq!(last["NM_ENROLLED"], 2, "{last}");
 }
@@ -191,6 +226,12 @@ fn killed_agent_fails_closed_and_restart_reuses_pinned_state() {
     let mut c = standard();
     let remote = format!("{}:8080", c.pod("server-remote").ip4);
     assert_eq!(probe(&c, "client", &remote)["result"], "ok");
+    // The entry is written when the agent sees the close; a SIGKILL before
+    // that would lose it, so wait for it.
+    assert_eq!(
+        log_entries(&c, 0, |e| e["orig_dst"] == remote.as_str()).len(),
+        1
+    );
 
     c.kill_agent(0).unwrap();
     // Programs stay attached (pinned links): no silent bypass of the mesh.
@@ -206,8 +247,13 @@ fn killed_agent_fails_closed_and_restart_reuses_pinned_state() {
     assert!(log.contains("replaced the previous agent's link"), "{log}");
     let r = probe(&c, "client", &remote);
     assert_eq!(r["result"], "ok", "{r}");
-    let e = log_entries(&c, 0, |e| e["orig_dst"] == remote.as_str());
-    assert_eq!(e.len(), 2, "{e:?}");
+    wait_for("the second entry", Duration::from_secs(3), || {
+        c.access_log(0)
+            .iter()
+            .filter(|e| e["orig_dst"] == remote.as_str())
+            .count()
+            == 2
+    });
 }
 
 #[test]
@@ -217,7 +263,13 @@ fn ipv6_end_to_end_and_v4_mapped() {
     let remote6 = format!("[{}]:8080", c.pod("server-remote").ip6);
     let r = probe(&c, "client", &remote6);
     assert_eq!(r["result"], "ok", "{r}");
-    assert!(r["server_saw"].as_str().unwrap().starts_with(&format!("[{client6}]:")), "{r}");
+    assert!(
+        r["server_saw"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("[{client6}]:")),
+        "{r}"
+    );
     let e = log_entries(&c, 0, |e| e["orig_dst"] == remote6.as_str());
     assert_eq!(e.len(), 1, "{e:?}");
     assert_eq!(e[0]["src_workload"], "shop/client");
@@ -249,7 +301,10 @@ fn pods_enrol_and_unenrol_live() {
     });
     assert_eq!(probe(&c, "client", &remote)["result"], "ok");
     std::thread::sleep(Duration::from_millis(300));
-    assert!(c.access_log(0).is_empty(), "an unenrolled pod was redirected");
+    assert!(
+        c.access_log(0).is_empty(),
+        "an unenrolled pod was redirected"
+    );
 
     c.set_enrolled(0, &|p| p.spec.enrolled).unwrap();
     wait_for("re-enrolment", Duration::from_secs(5), || {
@@ -264,7 +319,9 @@ fn pods_enrol_and_unenrol_live() {
         c.agent_log(0).contains("workloads file rejected")
     });
     assert_eq!(probe(&c, "client", &remote)["result"], "ok");
-    assert_eq!(log_entries(&c, 0, |_| true).len(), 2);
+    wait_for("the second entry", Duration::from_secs(3), || {
+        c.access_log(0).len() == 2
+    });
 }
 
 #[test]
@@ -282,7 +339,14 @@ fn sigterm_drains_then_exits_zero_and_keeps_pins() {
     let child = c
         .pod_command(
             "client",
-            &["client", "send", "--to", &remote, "--bytes", &(1u64 << 30).to_string()],
+            &[
+                "client",
+                "send",
+                "--to",
+                &remote,
+                "--bytes",
+                &(1u64 << 30).to_string(),
+            ],
         )
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -297,7 +361,11 @@ fn sigterm_drains_then_exits_zero_and_keeps_pins() {
     let log = c.agent_log(0);
     assert!(log.contains("draining"), "{log}");
     assert!(log.contains("drained"), "{log}");
-    assert_eq!(c.access_log(0).len(), 1, "the transfer was logged before exit");
+    assert_eq!(
+        c.access_log(0).len(),
+        1,
+        "the transfer was logged before exit"
+    );
     assert!(c.bpffs.join("node-0/links/nm_connect4").exists());
     // After exit the node fails closed until an agent is back.
     assert_eq!(probe(&c, "client", &remote)["result"], "refused");
@@ -316,15 +384,24 @@ fn sockmap_fast_path_keeps_data_intact() {
     let local = format!("{}:8080", c.pod("server-local").ip4);
     let size = (256u64 << 20).to_string();
     let r = c
-        .run_in_pod("client", &["client", "fetch", "--to", &local, "--bytes", &size])
+        .run_in_pod(
+            "client",
+            &["client", "fetch", "--to", &local, "--bytes", &size],
+        )
         .unwrap();
     assert_eq!(r["ok"], true, "{r}");
     let r = c
-        .run_in_pod("client", &["client", "send", "--to", &local, "--bytes", &size])
+        .run_in_pod(
+            "client",
+            &["client", "send", "--to", &local, "--bytes", &size],
+        )
         .unwrap();
     assert_eq!(r["ok"], true, "{r}");
     let r = c
-        .run_in_pod("client", &["client", "concurrent", "--to", &local, "--n", "200"])
+        .run_in_pod(
+            "client",
+            &["client", "concurrent", "--to", &local, "--n", "200"],
+        )
         .unwrap();
     assert_eq!(r["ok"], 200, "{r}");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -346,8 +423,15 @@ fn demo_runs_and_shows_the_shop() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for pair in ["frontend", "catalogue", "external 10.240.0.200:8080"] {
-        assert!(text.contains(pair), "{pair} missing from the summary:\n{text}");
+        assert!(
+            text.contains(pair),
+            "{pair} missing from the summary:\n{text}"
+        );
     }
 }

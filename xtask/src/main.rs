@@ -108,11 +108,18 @@ fn output(cmd: &mut Command) -> Result<String> {
 fn setup(root: &Path) -> Result<OsString> {
     let _ = root;
     // rust-src for `-Z build-std=core` on the bpf target.
-    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
-        .context("a nightly toolchain is needed for the eBPF build (rustup toolchain install nightly)")?;
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"])).context(
+        "a nightly toolchain is needed for the eBPF build (rustup toolchain install nightly)",
+    )?;
     let sysroot = PathBuf::from(sysroot);
     if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     let libllvm = fs::read_dir(sysroot.join("lib"))?
         .filter_map(|e| e.ok())
@@ -151,10 +158,23 @@ fn setup(root: &Path) -> Result<OsString> {
             let _ = fs::remove_file(&path);
             std::os::unix::fs::symlink(&libllvm, &path)?;
         }
-        eprintln!("building bpf-linker {BPF_LINKER_VERSION} against {} (once, ~75 s)", libllvm.display());
+        eprintln!(
+            "building bpf-linker {BPF_LINKER_VERSION} against {} (once, ~75 s)",
+            libllvm.display()
+        );
         run(Command::new("cargo")
-            .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION])
-            .args(["--no-default-features", "--features", &format!("llvm-{LLVM_MAJOR}")])
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
+            .args([
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{LLVM_MAJOR}"),
+            ])
             .arg("--root")
             .arg(&install_root)
             .env("LLVM_PREFIX", &prefix)
@@ -179,7 +199,14 @@ fn build(root: &Path, path: &OsString) -> Result<()> {
 
 fn test(root: &Path, path: &OsString, args: &[String]) -> Result<()> {
     run(cargo(root, path).args(["fmt", "--all", "--check"]))?;
-    run(cargo(root, path).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo(root, path).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     build(root, path)?;
     // Root tests share kernel state (cgroups, bpffs, netns): one at a time.
     run(cargo(root, path)
@@ -191,6 +218,14 @@ fn test(root: &Path, path: &OsString, args: &[String]) -> Result<()> {
 fn run_lab(root: &Path, path: &OsString, what: &str, args: &[String]) -> Result<()> {
     build(root, path)?;
     run(cargo(root, path)
-        .args(["run", "--quiet", "--release", "--bin", "nodemesh-lab", "--", what])
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "--bin",
+            "nodemesh-lab",
+            "--",
+            what,
+        ])
         .args(args))
 }

@@ -44,12 +44,16 @@ pub enum KernelError {
         "{0} is not on a bpf filesystem; mount one (mount -t bpf bpf /sys/fs/bpf) or set bpffsDir"
     )]
     NotBpffs(PathBuf),
-    #[error("cgroup {path}: {source}; set cgroupPath to a cgroup v2 directory (see `mount | grep cgroup2`)")]
+    #[error(
+        "cgroup {path}: {source}; set cgroupPath to a cgroup v2 directory (see `mount | grep cgroup2`)"
+    )]
     Cgroup {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path} is not a cgroup v2 directory; set cgroupPath to one (see `mount | grep cgroup2`)")]
+    #[error(
+        "{path} is not a cgroup v2 directory; set cgroupPath to one (see `mount | grep cgroup2`)"
+    )]
     NotCgroup2 { path: PathBuf },
     #[error("{what}: {source}")]
     Io {
@@ -64,10 +68,7 @@ pub enum KernelError {
         source: aya::programs::ProgramError,
     },
     #[error("link {name}: {detail}")]
-    Link {
-        name: &'static str,
-        detail: String,
-    },
+    Link { name: &'static str, detail: String },
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
@@ -189,48 +190,48 @@ impl Kernel {
         // cgroup (the kernel rejects ALLOW_MULTI in link_create flags), so
         // "Single" here means flags 0, not exclusive.
         for name in CGROUP_PROGRAMS {
-            let program = ebpf
-                .program_mut(name)
-                .ok_or(KernelError::Link {
-                    name,
-                    detail: "program missing from the object".into(),
-                })?;
+            let program = ebpf.program_mut(name).ok_or(KernelError::Link {
+                name,
+                detail: "program missing from the object".into(),
+            })?;
             let link: FdLink = match name {
                 "nm_sock_ops" => {
                     let p: &mut SockOps = program
                         .try_into()
                         .map_err(|source| KernelError::Program { name, source })?;
-                    p.load().map_err(|source| KernelError::Program { name, source })?;
+                    p.load()
+                        .map_err(|source| KernelError::Program { name, source })?;
                     let id = p
                         .attach(&cgroup, CgroupAttachMode::Single)
                         .map_err(|source| KernelError::Program { name, source })?;
                     let owned = p
                         .take_link(id)
                         .map_err(|source| KernelError::Program { name, source })?;
-                    owned.try_into().map_err(|e: aya::programs::links::LinkError| {
-                        KernelError::Link {
+                    owned
+                        .try_into()
+                        .map_err(|e: aya::programs::links::LinkError| KernelError::Link {
                             name,
                             detail: e.to_string(),
-                        }
-                    })?
+                        })?
                 }
                 _ => {
                     let p: &mut CgroupSockAddr = program
                         .try_into()
                         .map_err(|source| KernelError::Program { name, source })?;
-                    p.load().map_err(|source| KernelError::Program { name, source })?;
+                    p.load()
+                        .map_err(|source| KernelError::Program { name, source })?;
                     let id = p
                         .attach(&cgroup, CgroupAttachMode::Single)
                         .map_err(|source| KernelError::Program { name, source })?;
                     let owned = p
                         .take_link(id)
                         .map_err(|source| KernelError::Program { name, source })?;
-                    owned.try_into().map_err(|e: aya::programs::links::LinkError| {
-                        KernelError::Link {
+                    owned
+                        .try_into()
+                        .map_err(|e: aya::programs::links::LinkError| KernelError::Link {
                             name,
                             detail: e.to_string(),
-                        }
-                    })?
+                        })?
                 }
             };
             replace_pinned_link(&links_dir.join(name), link, name)?;
@@ -254,7 +255,8 @@ impl Kernel {
                 })?
                 .try_into()
                 .map_err(|source| KernelError::Program { name, source })?;
-            p.load().map_err(|source| KernelError::Program { name, source })?;
+            p.load()
+                .map_err(|source| KernelError::Program { name, source })?;
             match p.attach(sockhash.fd()) {
                 Ok(id) => {
                     // The map keeps the program attached: it lives as long as
@@ -276,24 +278,27 @@ impl Kernel {
         let take_hash = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name).ok_or(KernelError::MissingMap(name))
         };
-        let enrolled = HashMap::try_from(take_hash(&mut ebpf, MAP_ENROLLED)?).map_err(
-            |source| KernelError::Map {
-                name: MAP_ENROLLED,
-                source,
-            },
-        )?;
-        let orig_dst = HashMap::try_from(take_hash(&mut ebpf, MAP_ORIG_DST)?).map_err(
-            |source| KernelError::Map {
-                name: MAP_ORIG_DST,
-                source,
-            },
-        )?;
-        let counters = PerCpuArray::try_from(take_hash(&mut ebpf, MAP_COUNTERS)?).map_err(
-            |source| KernelError::Map {
-                name: MAP_COUNTERS,
-                source,
-            },
-        )?;
+        let enrolled =
+            HashMap::try_from(take_hash(&mut ebpf, MAP_ENROLLED)?).map_err(|source| {
+                KernelError::Map {
+                    name: MAP_ENROLLED,
+                    source,
+                }
+            })?;
+        let orig_dst =
+            HashMap::try_from(take_hash(&mut ebpf, MAP_ORIG_DST)?).map_err(|source| {
+                KernelError::Map {
+                    name: MAP_ORIG_DST,
+                    source,
+                }
+            })?;
+        let counters =
+            PerCpuArray::try_from(take_hash(&mut ebpf, MAP_COUNTERS)?).map_err(|source| {
+                KernelError::Map {
+                    name: MAP_COUNTERS,
+                    source,
+                }
+            })?;
         info!(
             cgroup = %s.cgroup_path.display(),
             bpffs = %s.bpffs_dir.display(),
@@ -415,17 +420,33 @@ pub fn pinned_map_sizes(bpffs_dir: &Path) -> Result<Vec<(&'static str, usize)>, 
         MapData::from_pin(maps_dir.join(name)).map_err(|source| KernelError::Map { name, source })
     };
     let enrolled: HashMap<_, u64, EnrolledPod> =
-        HashMap::try_from(aya::maps::Map::HashMap(open(MAP_ENROLLED)?))
-            .map_err(|source| KernelError::Map { name: MAP_ENROLLED, source })?;
+        HashMap::try_from(aya::maps::Map::HashMap(open(MAP_ENROLLED)?)).map_err(|source| {
+            KernelError::Map {
+                name: MAP_ENROLLED,
+                source,
+            }
+        })?;
     let pending: HashMap<_, u64, OrigDst> =
-        HashMap::try_from(aya::maps::Map::HashMap(open(MAP_PENDING)?))
-            .map_err(|source| KernelError::Map { name: MAP_PENDING, source })?;
+        HashMap::try_from(aya::maps::Map::HashMap(open(MAP_PENDING)?)).map_err(|source| {
+            KernelError::Map {
+                name: MAP_PENDING,
+                source,
+            }
+        })?;
     let orig: HashMap<_, FlowKey, OrigDst> =
-        HashMap::try_from(aya::maps::Map::HashMap(open(MAP_ORIG_DST)?))
-            .map_err(|source| KernelError::Map { name: MAP_ORIG_DST, source })?;
+        HashMap::try_from(aya::maps::Map::HashMap(open(MAP_ORIG_DST)?)).map_err(|source| {
+            KernelError::Map {
+                name: MAP_ORIG_DST,
+                source,
+            }
+        })?;
     let sockhash: SockHash<_, SockKey> =
-        SockHash::try_from(aya::maps::Map::SockHash(open(MAP_SOCKHASH)?))
-            .map_err(|source| KernelError::Map { name: MAP_SOCKHASH, source })?;
+        SockHash::try_from(aya::maps::Map::SockHash(open(MAP_SOCKHASH)?)).map_err(|source| {
+            KernelError::Map {
+                name: MAP_SOCKHASH,
+                source,
+            }
+        })?;
     Ok(vec![
         (MAP_ENROLLED, enrolled.keys().count()),
         (MAP_PENDING, pending.keys().count()),

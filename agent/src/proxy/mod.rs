@@ -16,18 +16,20 @@ pub enum ProxyError {
     WrongPod { recorded: u32, pod: String },
     #[error("service {service} has no endpoints")]
     NoEndpoints { service: String },
-    #[error("connect to {addr} timed out after {secs} s; is the destination up and routable from the pod?")]
-    ConnectTimeout { addr: std::net::SocketAddr, secs: u64 },
+    #[error(
+        "connect to {addr} timed out after {secs} s; is the destination up and routable from the pod?"
+    )]
+    ConnectTimeout {
+        addr: std::net::SocketAddr,
+        secs: u64,
+    },
     #[error("connect to {addr}: {source}")]
     Connect {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
     #[error("creating the upstream socket in {pod}'s netns: {source}")]
-    Socket {
-        pod: String,
-        source: std::io::Error,
-    },
+    Socket { pod: String, source: std::io::Error },
     #[error("transfer: {0}")]
     Transfer(std::io::Error),
 }

@@ -129,7 +129,10 @@ async fn proxy(
         dst_port: local.port(),
         _pad: 0,
     };
-    let orig = shared.kernel.orig_dst(&key).ok_or(ProxyError::NotRedirected)?;
+    let orig = shared
+        .kernel
+        .orig_dst(&key)
+        .ok_or(ProxyError::NotRedirected)?;
     if orig.workload_id != pod.workload_id {
         return Err(ProxyError::WrongPod {
             recorded: orig.workload_id,
@@ -190,21 +193,22 @@ async fn proxy(
             pod: pod.pod.key().to_string(),
             source,
         })?;
-    let mut upstream = match tokio::time::timeout(shared.connect_timeout, socket.connect(upstream_addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(source)) => {
-            return Err(ProxyError::Connect {
-                addr: upstream_addr,
-                source,
-            });
-        }
-        Err(_) => {
-            return Err(ProxyError::ConnectTimeout {
-                addr: upstream_addr,
-                secs: shared.connect_timeout.as_secs(),
-            });
-        }
-    };
+    let mut upstream =
+        match tokio::time::timeout(shared.connect_timeout, socket.connect(upstream_addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => {
+                return Err(ProxyError::Connect {
+                    addr: upstream_addr,
+                    source,
+                });
+            }
+            Err(_) => {
+                return Err(ProxyError::ConnectTimeout {
+                    addr: upstream_addr,
+                    secs: shared.connect_timeout.as_secs(),
+                });
+            }
+        };
     // Half-close is carried both ways: EOF on one side becomes shutdown(WR)
     // on the other, and the copy ends when both directions are done.
     let result =

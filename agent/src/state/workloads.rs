@@ -135,7 +135,10 @@ impl Workloads {
                 ));
             }
             if pod.ips.is_empty() {
-                return Err(invalid(format!("pods[{i}].ips"), "a pod needs an IP".into()));
+                return Err(invalid(
+                    format!("pods[{i}].ips"),
+                    "a pod needs an IP".into(),
+                ));
             }
             if pod.node == w.node && pod.netns.is_none() {
                 return Err(invalid(
@@ -369,7 +372,10 @@ services:
         let err = parse("node: a\npods:\n  - {name: x, namespace: y, ips: [1.2.3.4], node: b}\n  - {name: z, namespace: y, ips: [1.2.3.4], node: b}\n")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("pods[1].ips[0]") && err.contains("y/x"), "{err}");
+        assert!(
+            err.contains("pods[1].ips[0]") && err.contains("y/x"),
+            "{err}"
+        );
 
         let err = parse("node: a\nservices:\n  - {name: s, namespace: y, vips: [10.0.0.1], ports: [{port: 80}], endpoints: [nope]}\n")
             .unwrap_err()
