@@ -156,17 +156,18 @@ impl Enrolment {
     }
 
     /// Brings enrolment in line with the snapshot: new local pods get
-    /// listeners and a map entry, removed ones lose both, changed ones are
-    /// re-enrolled.
+    /// listeners and a map entry, removed ones lose both. A changed pod is
+    /// enrolled anew *before* its old state goes (listeners share the port
+    /// through SO_REUSEPORT), so its traffic never bypasses the mesh.
     fn reconcile(&mut self, workloads: &Workloads) {
         let desired: HashMap<PodKey, &Pod> = workloads.local_pods().map(|p| (p.key(), p)).collect();
-        let gone: Vec<PodKey> = self
+        let removed: Vec<PodKey> = self
             .pods
-            .iter()
-            .filter(|(k, st)| desired.get(*k).is_none_or(|p| **p != st.local.pod))
-            .map(|(k, _)| k.clone())
+            .keys()
+            .filter(|k| !desired.contains_key(*k))
+            .cloned()
             .collect();
-        for key in gone {
+        for key in removed {
             if let Some(mut st) = self.pods.remove(&key) {
                 self.shared.kernel.unenrol(st.local.netns_cookie);
                 st.listeners.abort_all();
@@ -175,7 +176,7 @@ impl Enrolment {
         }
         self.failed.retain(|k| desired.contains_key(k));
         for (key, pod) in desired {
-            if self.pods.contains_key(&key) {
+            if self.pods.get(&key).is_some_and(|st| st.local.pod == *pod) {
                 continue;
             }
             match self.enrol(pod) {
@@ -187,7 +188,15 @@ impl Enrolment {
                         "enrolled"
                     );
                     self.failed.remove(&key);
-                    self.pods.insert(key, st);
+                    let new_cookie = st.local.netns_cookie;
+                    if let Some(mut old) = self.pods.insert(key, st) {
+                        old.listeners.abort_all();
+                        // A new netns (the pod was recreated): the old one's
+                        // entry goes; the same netns was just overwritten.
+                        if old.local.netns_cookie != new_cookie {
+                            self.shared.kernel.unenrol(old.local.netns_cookie);
+                        }
+                    }
                 }
                 Err(e) => {
                     if self.failed.insert(key.clone()) {

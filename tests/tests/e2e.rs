@@ -313,14 +313,35 @@ fn pods_enrol_and_unenrol_live() {
     assert_eq!(probe(&c, "client", &remote)["result"], "ok");
     assert_eq!(log_entries(&c, 0, |_| true).len(), 1, "{}", c.agent_log(0));
 
+    // A changed pod (new labels) is re-enrolled without a moment of bypass.
+    let path = &c.agents[0].workloads;
+    let text = std::fs::read_to_string(path).unwrap();
+    let relabelled = text.replace(
+        "labels: {app: client}",
+        "labels: {app: client, version: v2}",
+    );
+    assert_ne!(text, relabelled);
+    std::fs::write(path, relabelled).unwrap();
+    wait_for("re-enrolment after relabel", Duration::from_secs(5), || {
+        c.agent_log(0).matches(" enrolled pod=shop/client").count() >= 3
+    });
+    assert_eq!(
+        c.agent_log(0).matches("unenrolled pod=shop/client").count(),
+        1
+    );
+    assert_eq!(probe(&c, "client", &remote)["result"], "ok");
+    wait_for("the entry after relabel", Duration::from_secs(3), || {
+        c.access_log(0).len() == 2
+    });
+
     // A broken file is rejected and the last good set stays in force.
     std::fs::write(&c.agents[0].workloads, "node: node-0\npods: [\n").unwrap();
     wait_for("the rejection", Duration::from_secs(5), || {
         c.agent_log(0).contains("workloads file rejected")
     });
     assert_eq!(probe(&c, "client", &remote)["result"], "ok");
-    wait_for("the second entry", Duration::from_secs(3), || {
-        c.access_log(0).len() == 2
+    wait_for("the third entry", Duration::from_secs(3), || {
+        c.access_log(0).len() == 3
     });
 }
 

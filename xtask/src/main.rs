@@ -53,7 +53,7 @@ enum Cmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root()?;
-    let path = setup(&root)?;
+    let path = setup()?;
     match cli.command {
         Cmd::Setup => Ok(()),
         Cmd::Build => build(&root, &path),
@@ -105,8 +105,7 @@ fn output(cmd: &mut Command) -> Result<String> {
 }
 
 /// Makes the eBPF toolchain available; returns the PATH to build with.
-fn setup(root: &Path) -> Result<OsString> {
-    let _ = root;
+fn setup() -> Result<OsString> {
     // rust-src for `-Z build-std=core` on the bpf target.
     let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"])).context(
         "a nightly toolchain is needed for the eBPF build (rustup toolchain install nightly)",
@@ -145,7 +144,12 @@ fn setup(root: &Path) -> Result<OsString> {
     let tools = cache_dir()?.join("tools");
     let install_root = tools.join(format!("bpf-linker-{BPF_LINKER_VERSION}-{llvm_name}"));
     let linker = install_root.join("bin/bpf-linker");
-    if !linker.is_file() {
+    // Reinstall when missing or unable to run (e.g. its libLLVM moved).
+    let works = Command::new(&linker)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !works {
         let prefix = tools.join(format!("llvm-prefix-{llvm_name}"));
         let lib = prefix.join("lib");
         fs::create_dir_all(&lib)?;
@@ -175,6 +179,7 @@ fn setup(root: &Path) -> Result<OsString> {
                 "--features",
                 &format!("llvm-{LLVM_MAJOR}"),
             ])
+            .arg("--force")
             .arg("--root")
             .arg(&install_root)
             .env("LLVM_PREFIX", &prefix)

@@ -1,5 +1,6 @@
 //! The data path.
 pub mod outbound;
+mod splice;
 
 use thiserror::Error;
 

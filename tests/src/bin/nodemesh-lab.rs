@@ -24,7 +24,7 @@ enum Cmd {
     /// Meshed vs direct TCP on the virtual cluster; prints ratios, writes JSON.
     Bench {
         /// Seconds per measurement.
-        #[arg(long, default_value_t = 3.0)]
+        #[arg(long, default_value_t = 5.0)]
         secs: f64,
         /// Where to write the JSON results.
         #[arg(long, default_value = "target/bench/latest.json")]

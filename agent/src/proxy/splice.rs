@@ -1,0 +1,91 @@
+//! Plain TCP forwarding with splice(2): bytes move socket -> pipe -> socket
+//! inside the kernel and never enter the agent's memory.
+//!
+//! Half-close is carried through: EOF from one side becomes
+//! `shutdown(SHUT_WR)` on the other, and each direction ends on its own.
+use std::{
+    io,
+    net::Shutdown,
+    os::fd::{AsFd, OwnedFd},
+};
+
+use nix::{
+    fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice},
+    unistd::pipe2,
+};
+use tokio::{io::Interest, net::TcpStream};
+
+/// Pipe capacity per direction; larger pipes mean fewer syscalls in bulk.
+const PIPE_SIZE: usize = 256 * 1024;
+
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    /// Bytes in the pipe not yet written out.
+    queued: usize,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Self> {
+        let (read, write) = pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+        // Best effort: a smaller pipe still works, just with more syscalls.
+        let _ = fcntl(&write, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32));
+        Ok(Self {
+            read,
+            write,
+            queued: 0,
+        })
+    }
+}
+
+/// Forwards both ways until both directions reached EOF, or one failed.
+/// Returns the bytes sent a->b and b->a.
+pub async fn bidirectional(a: &TcpStream, b: &TcpStream) -> io::Result<(u64, u64)> {
+    let (mut ab, mut ba) = (Pipe::new()?, Pipe::new()?);
+    tokio::try_join!(one_way(a, b, &mut ab), one_way(b, a, &mut ba))
+}
+
+const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLICE_F_NONBLOCK);
+
+async fn one_way(src: &TcpStream, dst: &TcpStream, pipe: &mut Pipe) -> io::Result<u64> {
+    let mut total = 0u64;
+    loop {
+        // Fill the pipe from the source.
+        let n = loop {
+            src.readable().await?;
+            match src.try_io(Interest::READABLE, || {
+                splice(src.as_fd(), None, &pipe.write, None, PIPE_SIZE, FLAGS)
+                    .map_err(io::Error::from)
+            }) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        if n == 0 {
+            // EOF: pass the half-close on; the other direction goes on.
+            match socket2::SockRef::from(dst).shutdown(Shutdown::Write) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
+                Err(e) => return Err(e),
+            }
+            return Ok(total);
+        }
+        pipe.queued += n;
+        // Drain it into the destination.
+        while pipe.queued > 0 {
+            dst.writable().await?;
+            match dst.try_io(Interest::WRITABLE, || {
+                splice(&pipe.read, None, dst.as_fd(), None, pipe.queued, FLAGS)
+                    .map_err(io::Error::from)
+            }) {
+                Ok(n) => {
+                    pipe.queued -= n;
+                    total += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
