@@ -89,6 +89,8 @@ impl ServiceSpec {
 #[derive(Debug, Clone, Default)]
 pub struct AgentOptions {
     pub sockmap: bool,
+    /// `ebpfLog: debug`: the programs' own log lines in the agent log.
+    pub ebpf_log_debug: bool,
     pub drain_timeout_seconds: Option<u64>,
 }
 
@@ -534,13 +536,18 @@ impl Cluster {
     fn write_agent_config(&self, k: usize) -> Result<()> {
         let a = &self.agents[k];
         let y = format!(
-            "workloadsFile: {}\ncgroupPath: {}\nbpffsDir: {}\naccessLog: {}\nsockmap: {}\ndrainTimeoutSeconds: {}\n",
+            "workloadsFile: {}\ncgroupPath: {}\nbpffsDir: {}\naccessLog: {}\nsockmap: {}\ndrainTimeoutSeconds: {}\nebpfLog: {}\n",
             a.workloads.display(),
             self.cgroup_dir.join(format!("node-{k}")).display(),
             self.bpffs.join(format!("node-{k}")).display(),
             a.access_log.display(),
             self.spec.agent.sockmap,
             self.spec.agent.drain_timeout_seconds.unwrap_or(2),
+            if self.spec.agent.ebpf_log_debug {
+                "debug"
+            } else {
+                "off"
+            },
         );
         fs::write(&a.config, y)?;
         Ok(())

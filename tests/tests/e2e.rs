@@ -393,12 +393,13 @@ fn sigterm_drains_then_exits_zero_and_keeps_pins() {
 }
 
 #[test]
-fn sockmap_fast_path_keeps_data_intact() {
+fn sockmap_fast_path_keeps_data_intact_and_programs_log() {
     let mut s = spec(
         vec![PodSpec::new("client", 0), PodSpec::new("server-local", 0)],
         vec![],
     );
     s.agent.sockmap = true;
+    s.agent.ebpf_log_debug = true;
     let mut c = Cluster::start(s).unwrap();
     c.spawn_in_pod("server-local", &["serve", "--port", "8080"])
         .unwrap();
@@ -425,6 +426,10 @@ fn sockmap_fast_path_keeps_data_intact() {
         )
         .unwrap();
     assert_eq!(r["ok"], 200, "{r}");
+    // aya-log lines from the connect hooks reach the agent's log.
+    wait_for("the programs' log lines", Duration::from_secs(3), || {
+        c.agent_log(0).contains("redirect workload")
+    });
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let m = c.map_sizes(0).unwrap();

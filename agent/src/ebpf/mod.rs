@@ -94,7 +94,24 @@ pub struct Kernel {
     _ebpf: Ebpf,
 }
 
-pub type EbpfLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+pub type EbpfLogger = aya_log::EbpfLogger<ProgramLog>;
+
+/// Passes the programs' aya-log records into the agent's log under the
+/// target `nodemesh::ebpf`. They are only produced when `ebpfLog: debug`, so
+/// they are shown at info level: asking for them is the filter.
+pub struct ProgramLog;
+
+impl log::Log for ProgramLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        tracing::info!(target: "nodemesh::ebpf", program_level = %record.level(), "{}", record.args());
+    }
+
+    fn flush(&self) {}
+}
 
 pub struct Settings<'a> {
     pub bpffs_dir: &'a Path,
@@ -155,7 +172,7 @@ impl Kernel {
         let logger = if s.ebpf_log == EbpfLog::Off {
             None
         } else {
-            match aya_log::EbpfLogger::init(&mut ebpf) {
+            match aya_log::EbpfLogger::init_with_logger(&mut ebpf, ProgramLog) {
                 Ok(l) => Some(l),
                 Err(e) => {
                     warn!("eBPF log unavailable: {e}");
