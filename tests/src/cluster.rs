@@ -31,7 +31,7 @@ use serde_json::Value;
 
 use crate::sys;
 
-const STATE_ROOT: &str = "/run/nodemesh-lab";
+pub const STATE_ROOT: &str = "/run/nodemesh-lab";
 const NETNS_PREFIX: &str = "nmlab-";
 const CGROUP_PREFIX: &str = "nodemesh-lab-";
 
@@ -445,6 +445,8 @@ impl Cluster {
     }
 
     fn build_cgroups(&self) -> Result<()> {
+        fs::create_dir_all(self.cgroup_dir.join("external"))
+            .with_context(|| format!("creating cgroups under {}", self.cgroup_dir.display()))?;
         for k in 0..self.spec.nodes {
             fs::create_dir_all(self.cgroup_dir.join(format!("node-{k}/agent")))
                 .with_context(|| format!("creating cgroups under {}", self.cgroup_dir.display()))?;
@@ -676,16 +678,15 @@ impl Cluster {
         self.command_in(&p.cgroup, &format!("/run/netns/{}", p.netns), args)
     }
 
-    /// The same for the external host (no cgroup of the cluster's).
+    /// The same for the external host. Its cgroup is outside every node's
+    /// subtree (no programs run for it) but inside the run's, so a sweep of
+    /// a killed run finds its processes too.
     pub fn external_command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(&self.lab_bin);
-        cmd.arg("pod-exec")
-            .arg("--netns")
-            .arg(format!("/run/netns/{}", self.ns_ext()))
-            .arg("--")
-            .arg(&self.lab_bin)
-            .args(args);
-        cmd
+        self.command_in(
+            &self.cgroup_dir.join("external"),
+            &format!("/run/netns/{}", self.ns_ext()),
+            args,
+        )
     }
 
     fn command_in(&self, cgroup: &Path, netns: &str, args: &[&str]) -> Command {

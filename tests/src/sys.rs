@@ -112,6 +112,13 @@ pub fn is_mountpoint(path: &Path) -> bool {
         .any(|l| l.split_whitespace().nth(1) == Some(p.as_ref()))
 }
 
+/// True while `pid` runs; a zombie (killed, not yet reaped) counts as gone.
 pub fn pid_alive(pid: i32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z" | "X") | None)
 }

@@ -461,3 +461,73 @@ fn demo_runs_and_shows_the_shop() {
         );
     }
 }
+
+#[test]
+fn a_killed_run_is_removed_by_the_next() {
+    use std::io::BufRead as _;
+    // The killed demo's children are orphaned; adopt them so that the ones
+    // the sweep kills can be reaped here instead of lingering as zombies.
+    nix::sys::prctl::set_child_subreaper(true).unwrap();
+    let (lab, _) = nodemesh_lab::cluster::default_binaries().unwrap();
+    let mut child = std::process::Command::new(lab)
+        .arg("demo")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    // The summary appears once the cluster, agents and shop are up.
+    assert!(
+        lines.any(|l| l.is_ok_and(|l| l.contains("agents on every node"))),
+        "the demo never came up"
+    );
+    let owner = child.id().to_string();
+    let run = std::fs::read_dir(nodemesh_lab::cluster::STATE_ROOT)
+        .unwrap()
+        .filter_map(Result::ok)
+        .find(|e| std::fs::read_to_string(e.path().join("owner")).is_ok_and(|o| o.trim() == owner))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .expect("the demo's state directory");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let netns_left = || {
+        nodemesh_lab::sys::netns_list()
+            .into_iter()
+            .filter(|n| n.starts_with(&format!("nmlab-{run}-")))
+            .count()
+    };
+    let procs_left = || {
+        std::process::Command::new("pgrep")
+            .args(["-f", &format!("/run/nodemesh-lab/{run}/")])
+            .output()
+            .map(|o| o.stdout.len())
+            .unwrap_or(0)
+    };
+    assert!(
+        netns_left() > 0,
+        "nothing left to sweep: the test proves nothing"
+    );
+
+    let c = standard();
+    assert_eq!(netns_left(), 0);
+    let cgroup = nodemesh_lab::sys::cgroup2_root()
+        .unwrap()
+        .join(format!("nodemesh-lab-{run}"));
+    assert!(!cgroup.exists(), "{} left", cgroup.display());
+    assert!(
+        !std::path::Path::new(nodemesh_lab::cluster::STATE_ROOT)
+            .join(&run)
+            .exists()
+    );
+    assert_eq!(procs_left(), 0, "the killed run's agents still run");
+    drop(c);
+    // Every child of this test has been waited for: what is left are the
+    // adopted orphans.
+    while let Ok(status) = nix::sys::wait::waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG))
+    {
+        if status == nix::sys::wait::WaitStatus::StillAlive {
+            break;
+        }
+    }
+    nix::sys::prctl::set_child_subreaper(false).unwrap();
+}
