@@ -24,28 +24,45 @@ use tokio::{
 
 const CHUNK: usize = 64 * 1024;
 
-/// Chunk `i` of the deterministic stream: its index, then a fixed pattern.
-/// Reordered or duplicated chunks change the checksum.
-fn pattern_chunk(i: u64, buf: &mut [u8]) {
-    for (j, b) in buf.iter_mut().enumerate() {
-        *b = (j as u8).wrapping_mul(31).wrapping_add(7);
+/// The deterministic test stream, chunk by chunk: each chunk starts with
+/// its index, so reordered or duplicated chunks change the checksum.
+struct Pattern {
+    buf: Vec<u8>,
+    left: u64,
+    index: u64,
+}
+
+impl Pattern {
+    fn new(n: u64) -> Self {
+        let buf = (0..CHUNK)
+            .map(|j| (j as u8).wrapping_mul(31).wrapping_add(7))
+            .collect();
+        Self {
+            buf,
+            left: n,
+            index: 0,
+        }
     }
-    let n = buf.len().min(8);
-    buf[..n].copy_from_slice(&i.to_le_bytes()[..n]);
+
+    fn next_chunk(&mut self) -> Option<&[u8]> {
+        if self.left == 0 {
+            return None;
+        }
+        let take = self.left.min(CHUNK as u64) as usize;
+        let n = take.min(8);
+        self.buf[..n].copy_from_slice(&self.index.to_le_bytes()[..n]);
+        self.left -= take as u64;
+        self.index += 1;
+        Some(&self.buf[..take])
+    }
 }
 
 /// The sha256 of the first `n` bytes of the pattern stream.
 pub fn pattern_sha(n: u64) -> String {
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut left = n;
-    let mut i = 0;
-    while left > 0 {
-        let take = left.min(CHUNK as u64) as usize;
-        pattern_chunk(i, &mut buf[..take]);
-        h.update(&buf[..take]);
-        left -= take as u64;
-        i += 1;
+    let mut p = Pattern::new(n);
+    while let Some(chunk) = p.next_chunk() {
+        h.update(chunk);
     }
     hex(&h.finalize())
 }
@@ -55,15 +72,9 @@ fn hex(b: &[u8]) -> String {
 }
 
 async fn write_pattern(w: &mut (impl tokio::io::AsyncWrite + Unpin), n: u64) -> Result<()> {
-    let mut buf = vec![0u8; CHUNK];
-    let mut left = n;
-    let mut i = 0;
-    while left > 0 {
-        let take = left.min(CHUNK as u64) as usize;
-        pattern_chunk(i, &mut buf[..take]);
-        w.write_all(&buf[..take]).await?;
-        left -= take as u64;
-        i += 1;
+    let mut p = Pattern::new(n);
+    while let Some(chunk) = p.next_chunk() {
+        w.write_all(chunk).await?;
     }
     Ok(())
 }

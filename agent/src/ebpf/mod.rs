@@ -83,6 +83,42 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> KernelError {
     move |source| KernelError::Io { what, source }
 }
 
+/// Loads a cgroup program, attaches it with a bpf_link and returns the link.
+macro_rules! attach_to_cgroup {
+    ($program:expr, $ty:ty, $cgroup:expr, $name:expr) => {{
+        let name: &'static str = $name;
+        let program_error = |source| KernelError::Program { name, source };
+        let p: &mut $ty = $program.try_into().map_err(program_error)?;
+        p.load().map_err(program_error)?;
+        let id = p
+            .attach($cgroup, CgroupAttachMode::Single)
+            .map_err(program_error)?;
+        let link: FdLink = p.take_link(id).map_err(program_error)?.try_into().map_err(
+            |e: aya::programs::links::LinkError| KernelError::Link {
+                name,
+                detail: e.to_string(),
+            },
+        )?;
+        link
+    }};
+}
+
+/// Takes a map out of the object as its typed handle.
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(KernelError::MissingMap(name))?;
+    typed_map(name, map)
+}
+
+fn typed_map<T>(name: &'static str, map: aya::maps::Map) -> Result<T, KernelError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    T::try_from(map).map_err(|source| KernelError::Map { name, source })
+}
+
 /// The programs, attached, and typed handles on their maps.
 pub struct Kernel {
     enrolled: Mutex<HashMap<MapData, u64, EnrolledPod>>,
@@ -211,57 +247,14 @@ impl Kernel {
                 name,
                 detail: "program missing from the object".into(),
             })?;
-            let link: FdLink = match name {
-                "nm_sock_ops" => {
-                    let p: &mut SockOps = program
-                        .try_into()
-                        .map_err(|source| KernelError::Program { name, source })?;
-                    p.load()
-                        .map_err(|source| KernelError::Program { name, source })?;
-                    let id = p
-                        .attach(&cgroup, CgroupAttachMode::Single)
-                        .map_err(|source| KernelError::Program { name, source })?;
-                    let owned = p
-                        .take_link(id)
-                        .map_err(|source| KernelError::Program { name, source })?;
-                    owned
-                        .try_into()
-                        .map_err(|e: aya::programs::links::LinkError| KernelError::Link {
-                            name,
-                            detail: e.to_string(),
-                        })?
-                }
-                _ => {
-                    let p: &mut CgroupSockAddr = program
-                        .try_into()
-                        .map_err(|source| KernelError::Program { name, source })?;
-                    p.load()
-                        .map_err(|source| KernelError::Program { name, source })?;
-                    let id = p
-                        .attach(&cgroup, CgroupAttachMode::Single)
-                        .map_err(|source| KernelError::Program { name, source })?;
-                    let owned = p
-                        .take_link(id)
-                        .map_err(|source| KernelError::Program { name, source })?;
-                    owned
-                        .try_into()
-                        .map_err(|e: aya::programs::links::LinkError| KernelError::Link {
-                            name,
-                            detail: e.to_string(),
-                        })?
-                }
+            let link = match name {
+                "nm_sock_ops" => attach_to_cgroup!(program, SockOps, &cgroup, name),
+                _ => attach_to_cgroup!(program, CgroupSockAddr, &cgroup, name),
             };
             replace_pinned_link(&links_dir.join(name), link, name)?;
         }
 
-        let sockhash: SockHash<MapData, SockKey> = SockHash::try_from(
-            ebpf.take_map(MAP_SOCKHASH)
-                .ok_or(KernelError::MissingMap(MAP_SOCKHASH))?,
-        )
-        .map_err(|source| KernelError::Map {
-            name: MAP_SOCKHASH,
-            source,
-        })?;
+        let sockhash: SockHash<MapData, SockKey> = take_map(&mut ebpf, MAP_SOCKHASH)?;
         {
             let name = SK_MSG_PROGRAM;
             let p: &mut SkMsg = ebpf
@@ -292,30 +285,9 @@ impl Kernel {
             }
         }
 
-        let take_hash = |ebpf: &mut Ebpf, name: &'static str| {
-            ebpf.take_map(name).ok_or(KernelError::MissingMap(name))
-        };
-        let enrolled =
-            HashMap::try_from(take_hash(&mut ebpf, MAP_ENROLLED)?).map_err(|source| {
-                KernelError::Map {
-                    name: MAP_ENROLLED,
-                    source,
-                }
-            })?;
-        let orig_dst =
-            HashMap::try_from(take_hash(&mut ebpf, MAP_ORIG_DST)?).map_err(|source| {
-                KernelError::Map {
-                    name: MAP_ORIG_DST,
-                    source,
-                }
-            })?;
-        let counters =
-            PerCpuArray::try_from(take_hash(&mut ebpf, MAP_COUNTERS)?).map_err(|source| {
-                KernelError::Map {
-                    name: MAP_COUNTERS,
-                    source,
-                }
-            })?;
+        let enrolled = take_map(&mut ebpf, MAP_ENROLLED)?;
+        let orig_dst = take_map(&mut ebpf, MAP_ORIG_DST)?;
+        let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
         info!(
             cgroup = %s.cgroup_path.display(),
             bpffs = %s.bpffs_dir.display(),
@@ -436,34 +408,11 @@ pub fn pinned_map_sizes(bpffs_dir: &Path) -> Result<Vec<(&'static str, usize)>, 
     let open = |name: &'static str| {
         MapData::from_pin(maps_dir.join(name)).map_err(|source| KernelError::Map { name, source })
     };
-    let enrolled: HashMap<_, u64, EnrolledPod> =
-        HashMap::try_from(aya::maps::Map::HashMap(open(MAP_ENROLLED)?)).map_err(|source| {
-            KernelError::Map {
-                name: MAP_ENROLLED,
-                source,
-            }
-        })?;
-    let pending: HashMap<_, u64, OrigDst> =
-        HashMap::try_from(aya::maps::Map::HashMap(open(MAP_PENDING)?)).map_err(|source| {
-            KernelError::Map {
-                name: MAP_PENDING,
-                source,
-            }
-        })?;
-    let orig: HashMap<_, FlowKey, OrigDst> =
-        HashMap::try_from(aya::maps::Map::HashMap(open(MAP_ORIG_DST)?)).map_err(|source| {
-            KernelError::Map {
-                name: MAP_ORIG_DST,
-                source,
-            }
-        })?;
-    let sockhash: SockHash<_, SockKey> =
-        SockHash::try_from(aya::maps::Map::SockHash(open(MAP_SOCKHASH)?)).map_err(|source| {
-            KernelError::Map {
-                name: MAP_SOCKHASH,
-                source,
-            }
-        })?;
+    use aya::maps::Map::{HashMap as H, SockHash as S};
+    let enrolled: HashMap<_, u64, EnrolledPod> = typed_map(MAP_ENROLLED, H(open(MAP_ENROLLED)?))?;
+    let pending: HashMap<_, u64, OrigDst> = typed_map(MAP_PENDING, H(open(MAP_PENDING)?))?;
+    let orig: HashMap<_, FlowKey, OrigDst> = typed_map(MAP_ORIG_DST, H(open(MAP_ORIG_DST)?))?;
+    let sockhash: SockHash<_, SockKey> = typed_map(MAP_SOCKHASH, S(open(MAP_SOCKHASH)?))?;
     Ok(vec![
         (MAP_ENROLLED, enrolled.keys().count()),
         (MAP_PENDING, pending.keys().count()),
