@@ -87,3 +87,52 @@ impl Config {
         Duration::from_secs(self.connect_timeout_seconds)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, YamlError> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("nodemesh-config-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.yaml");
+        std::fs::write(&path, text).unwrap();
+        let result = Config::load(&path);
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let cfg =
+            load("workloadsFile: w.yaml\ncgroupPath: /sys/fs/cgroup\naccessLog: a.log\n").unwrap();
+        assert!(cfg.workloads_file.ends_with("w.yaml") && cfg.workloads_file.is_absolute());
+        assert!(cfg.access_log.as_ref().unwrap().is_absolute());
+        assert_eq!(cfg.bpffs_dir, PathBuf::from("/sys/fs/bpf/nodemesh"));
+        assert_eq!(cfg.drain_timeout(), Duration::from_secs(5));
+        assert!(!cfg.sockmap);
+        assert_eq!(cfg.ebpf_log, EbpfLog::Off);
+    }
+
+    #[test]
+    fn bad_input_names_the_field() {
+        let err = load("workloadsFile: w.yaml\ncgroupPath: /x\nsocketMark: 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("agent.yaml: socketMark: must not be 0"),
+            "{err}"
+        );
+        let err = load("workloadsFile: w.yaml\ncgroupPath: /x\nsockMap: true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 3 column 1") && err.contains("sockMap"),
+            "{err}"
+        );
+        let err = load("workloadsFile: w.yaml\n").unwrap_err().to_string();
+        assert!(err.contains("cgroupPath"), "{err}");
+    }
+}

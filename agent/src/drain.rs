@@ -82,3 +82,25 @@ impl Drain {
         self.active()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn waits_for_connections_then_gives_up_at_the_deadline() {
+        let drain = Drain::default();
+        let guard = drain.connection();
+        let d = drain.clone();
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(guard);
+        });
+        assert_eq!(d.drain(Duration::from_secs(5)).await, 0);
+        release.await.unwrap();
+
+        let stuck = Drain::default();
+        let _held = stuck.connection();
+        assert_eq!(stuck.drain(Duration::from_millis(50)).await, 1);
+    }
+}

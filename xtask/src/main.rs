@@ -9,8 +9,9 @@ use std::{
     env,
     ffi::OsString,
     fs,
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -214,10 +215,51 @@ fn test(root: &Path, path: &OsString, args: &[String]) -> Result<()> {
     ]))?;
     build(root, path)?;
     // Root tests share kernel state (cgroups, bpffs, netns): one at a time.
-    run(cargo(root, path)
-        .args(["test", "--release", "--workspace"])
+    let mut cmd = cargo(root, path);
+    cmd.args(["test", "--release", "--workspace"])
         .args(args)
-        .args(["--", "--test-threads=1"]))
+        .args(["--", "--test-threads=1"]);
+    eprintln!("+ {cmd:?}");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some((p, f)) = parse_test_result(&line) {
+            passed += p;
+            failed += f;
+        }
+    }
+    let status = child.wait()?;
+    // One closing line for the whole run (cargo ends on a doc-test summary).
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed: {status}");
+    }
+    if passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    Ok(())
+}
+
+/// `test result: ok. 10 passed; 0 failed; ...` -> (10, 0).
+fn parse_test_result(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let mut passed = None;
+    let mut failed = None;
+    for part in rest.split(';') {
+        let words: Vec<&str> = part.split_whitespace().collect();
+        match words.as_slice() {
+            [.., n, "passed"] => passed = n.parse().ok(),
+            [n, "failed"] => failed = n.parse().ok(),
+            _ => {}
+        }
+    }
+    Some((passed?, failed?))
 }
 
 fn run_lab(root: &Path, path: &OsString, what: &str, args: &[String]) -> Result<()> {
