@@ -34,6 +34,9 @@ pub struct Config {
     /// Where to write one JSON line per connection; none: no access log.
     #[serde(default)]
     pub access_log: Option<PathBuf>,
+    /// Threads of the data path. A node agent shares the node with its pods.
+    #[serde(default = "default_worker_threads")]
+    pub worker_threads: usize,
     /// Level of the eBPF programs' own log lines (aya-log): off or debug.
     #[serde(default)]
     pub ebpf_log: EbpfLog,
@@ -53,6 +56,9 @@ fn default_bpffs_dir() -> PathBuf {
 fn default_socket_mark() -> u32 {
     0x4e4d // "NM"
 }
+fn default_worker_threads() -> usize {
+    2
+}
 fn default_drain_seconds() -> u64 {
     5
 }
@@ -68,6 +74,13 @@ impl Config {
         cfg.workloads_file = base.join(&cfg.workloads_file);
         if let Some(log) = &cfg.access_log {
             cfg.access_log = Some(base.join(log));
+        }
+        if cfg.worker_threads == 0 {
+            return Err(YamlError::Invalid {
+                path: path.to_owned(),
+                field: "workerThreads".into(),
+                message: "must be at least 1".into(),
+            });
         }
         if cfg.socket_mark == 0 {
             return Err(YamlError::Invalid {

@@ -49,20 +49,22 @@ fn main() -> anyhow::Result<()> {
         Command::Run { config } => {
             let config = Config::load(&config)?;
             tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(config.worker_threads)
                 .enable_all()
                 .build()
                 .context("starting the runtime")?
                 .block_on(app::run(config))
         }
-        Command::Validate { config } => {
-            let config = Config::load(&config)?;
+        Command::Validate { config: path } => {
+            let config = Config::load(&path)?;
             let w = Workloads::load(&config.workloads_file)?;
             println!(
-                "ok: {} pods ({} local to {}), config {}",
+                "ok: {} and {}: {} pods, {} local to {}",
+                path.display(),
+                config.workloads_file.display(),
                 w.pods().len(),
                 w.local_pods().count(),
-                w.node,
-                config.workloads_file.display()
+                w.node
             );
             Ok(())
         }
