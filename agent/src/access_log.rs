@@ -6,25 +6,60 @@ use tokio::sync::mpsc;
 
 #[derive(Debug, Serialize)]
 pub struct Entry {
+    /// `source`: the agent of the pod that connected; `destination`: the
+    /// agent of the pod connected to (HBONE inbound).
+    pub reporter: &'static str,
     /// Unix time of the accept, milliseconds.
     pub start_ms: u128,
     pub duration_ms: u128,
-    /// `namespace/name` of the pod that connected.
-    pub src_workload: String,
+    /// `namespace/name` of the pod that connected (source reports).
+    pub src_workload: Option<String>,
     pub src_addr: String,
-    /// Where the application was connecting to (from the kernel).
+    pub src_identity: Option<String>,
+    /// Where the application was connecting to (from the kernel), or the
+    /// HBONE authority (destination reports).
     pub orig_dst: String,
     /// The service the destination is a VIP of, if any.
     pub service: Option<String>,
     /// `namespace/name` of the destination pod, if it is in the mesh.
     pub dst_workload: Option<String>,
+    pub dst_identity: Option<String>,
     /// The address the agent connected to.
     pub upstream: Option<String>,
+    /// `mutual_tls` across nodes (HBONE), `none` otherwise.
+    pub security: &'static str,
     pub bytes_sent: u64,
     pub bytes_received: u64,
-    /// `ok`, or where it failed: `no_endpoints`, `connect`, `transfer`.
+    /// `ok`, or where it failed: `redirect`, `no_endpoints`, `connect`,
+    /// `tls`, `hbone`, `bad_request`, `transfer`.
     pub result: &'static str,
     pub error: Option<String>,
+}
+
+impl Entry {
+    pub fn new(reporter: &'static str, src_addr: std::net::SocketAddr) -> Self {
+        Self {
+            reporter,
+            start_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0),
+            duration_ms: 0,
+            src_workload: None,
+            src_addr: src_addr.to_string(),
+            src_identity: None,
+            orig_dst: String::new(),
+            service: None,
+            dst_workload: None,
+            dst_identity: None,
+            upstream: None,
+            security: "none",
+            bytes_sent: 0,
+            bytes_received: 0,
+            result: "ok",
+            error: None,
+        }
+    }
 }
 
 enum Message {

@@ -17,9 +17,15 @@ use crate::{
     config::Config,
     drain::Drain,
     ebpf::{Kernel, Settings},
+    identity::{CertStore, FileCa, store::read_bundle},
     inpod::{self, PodNetns},
-    proxy::outbound::{self, LocalPod, Shared},
+    proxy::{
+        inbound::{self, HBONE_PORT},
+        outbound::{self, LocalPod, Shared},
+        pool::Pool,
+    },
     state::{FileWorkloadSource, Pod, PodKey, WorkloadSource as _, Workloads},
+    tls::TrustBundle,
 };
 
 /// How often enrolment is retried for pods that failed (netns not there yet).
@@ -46,6 +52,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("opening the access log {}", path.display()))?,
         None => AccessLog::disabled(),
     };
+    let ca = FileCa::load(&config.ca_cert_file, &config.ca_key_file)?;
+    let bundle_path = config.trust_bundle_file().to_owned();
+    let roots = read_bundle(&bundle_path)?;
+    let bundle = Arc::new(
+        TrustBundle::new(&roots)
+            .with_context(|| format!("trust bundle {}", bundle_path.display()))?,
+    );
+    let certs = Arc::new(CertStore::new(Arc::new(ca), bundle, config.cert_lifetime()));
+    let pool = Pool::new(certs.clone(), config.socket_mark, config.connect_timeout());
     let drain = Drain::default();
     let shared = Arc::new(Shared {
         kernel: kernel.clone(),
@@ -55,7 +70,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         socket_mark: config.socket_mark,
         sockmap: config.sockmap,
         connect_timeout: config.connect_timeout(),
+        trust_domain: config.trust_domain.clone(),
+        certs: certs.clone(),
+        pool,
     });
+    let _bundle_watch = watch_trust_bundle(certs.clone(), &bundle_path)?;
+    tokio::spawn(renew_certificates(certs.clone()));
 
     let mut enrolment = Enrolment::new(shared.clone());
     let snapshot = workloads.borrow_and_update().clone();
@@ -175,6 +195,7 @@ impl Enrolment {
             }
         }
         self.failed.retain(|k| desired.contains_key(k));
+        self.forget_unused_identities(&desired);
         for (key, pod) in desired {
             if self.pods.get(&key).is_some_and(|st| st.local.pod == *pod) {
                 continue;
@@ -225,10 +246,21 @@ impl Enrolment {
                 None
             }
         };
+        // HBONE: peers' agents connect to <pod IP>:15008.
+        let hbone_v4 = netns
+            .listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, HBONE_PORT)))
+            .with_context(|| format!("HBONE listener 0.0.0.0:{HBONE_PORT}"))?;
+        let hbone_v6 = netns
+            .listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, HBONE_PORT)))
+            .ok();
         let cookie = netns_cookie(v4.as_fd()).context("SO_NETNS_COOKIE (Linux 5.14+)")?;
+        let identity = self.shared.identity_of(pod);
+        // Issued now, so the first handshake does not wait for it.
+        self.shared.certs.get(&identity)?;
         let workload_id = self.id_for(&pod.key());
         let local = Arc::new(LocalPod {
             pod: pod.clone(),
+            identity,
             workload_id,
             netns_cookie: cookie,
             netns,
@@ -236,6 +268,9 @@ impl Enrolment {
         let mut listeners = JoinSet::new();
         for l in std::iter::once(v4).chain(v6) {
             listeners.spawn(outbound::accept_loop(self.shared.clone(), local.clone(), l));
+        }
+        for l in std::iter::once(hbone_v4).chain(hbone_v6) {
+            listeners.spawn(inbound::accept_loop(self.shared.clone(), local.clone(), l));
         }
         let flags = if self.shared.sockmap {
             ENROLLED_FLAG_SOCKMAP
@@ -246,6 +281,19 @@ impl Enrolment {
             .kernel
             .enrol(cookie, EnrolledPod { workload_id, flags })?;
         Ok(EnrolledState { local, listeners })
+    }
+
+    /// Certificates of identities no local pod runs as any more.
+    fn forget_unused_identities(&self, desired: &HashMap<PodKey, &Pod>) {
+        let wanted: HashSet<_> = desired
+            .values()
+            .map(|p| self.shared.identity_of(p))
+            .collect();
+        for st in self.pods.values() {
+            if !wanted.contains(&st.local.identity) {
+                self.shared.certs.forget(&st.local.identity);
+            }
+        }
     }
 
     fn stop_listening(&mut self) {
@@ -263,6 +311,56 @@ async fn drain_ebpf_log(mut logger: crate::ebpf::EbpfLogger) {
         tick.tick().await;
         logger.flush();
     }
+}
+
+/// Renews certificates at half-life; checked every second, so short test
+/// lifetimes work too.
+async fn renew_certificates(certs: Arc<CertStore>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let certs = certs.clone();
+        let _ = tokio::task::spawn_blocking(move || certs.renew_due()).await;
+    }
+}
+
+/// Reloads the trust bundle when its file changes (old and new roots can be
+/// listed together during a rotation). A bad file keeps the old roots.
+fn watch_trust_bundle(
+    certs: Arc<CertStore>,
+    path: &std::path::Path,
+) -> anyhow::Result<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let path = path.to_owned();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."))
+        .to_owned();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let name = path.file_name().map(|n| n.to_owned());
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(e) = event
+            && !e.kind.is_access()
+            && e.paths.iter().any(|p| {
+                p.file_name() == name.as_deref() || p.file_name().is_some_and(|n| n == "..data")
+            })
+        {
+            let _ = tx.send(());
+        }
+    })?;
+    watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            while rx.try_recv().is_ok() {}
+            match certs.reload_bundle(&path) {
+                Ok(n) => info!(roots = n, file = %path.display(), "trust bundle reloaded"),
+                Err(e) => error!("trust bundle rejected, keeping the previous roots: {e}"),
+            }
+        }
+    });
+    Ok(watcher)
 }
 
 fn raise_fd_limit() {

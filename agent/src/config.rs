@@ -28,6 +28,20 @@ pub struct Config {
     /// How long a connect to the original destination may take.
     #[serde(default = "default_connect_seconds")]
     pub connect_timeout_seconds: u64,
+    /// The mesh's trust domain: identities are spiffe://<trustDomain>/ns/../sa/..
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// The mesh CA's certificate and key (PEM); the agent issues its local
+    /// workloads' certificates with them.
+    pub ca_cert_file: PathBuf,
+    pub ca_key_file: PathBuf,
+    /// Roots peers' chains may lead to (PEM, several during a rotation);
+    /// watched. Defaults to caCertFile.
+    #[serde(default)]
+    pub trust_bundle_file: Option<PathBuf>,
+    /// Lifetime of issued workload certificates; renewed at half-life.
+    #[serde(default = "default_cert_lifetime")]
+    pub cert_lifetime_seconds: u64,
     /// The sk_msg fast path for data the agent sends to apps.
     #[serde(default)]
     pub sockmap: bool,
@@ -56,6 +70,12 @@ fn default_bpffs_dir() -> PathBuf {
 fn default_socket_mark() -> u32 {
     0x4e4d // "NM"
 }
+fn default_trust_domain() -> String {
+    "cluster.local".into()
+}
+fn default_cert_lifetime() -> u64 {
+    24 * 3600
+}
 fn default_worker_threads() -> usize {
     2
 }
@@ -74,6 +94,17 @@ impl Config {
         cfg.workloads_file = base.join(&cfg.workloads_file);
         if let Some(log) = &cfg.access_log {
             cfg.access_log = Some(base.join(log));
+        }
+        cfg.ca_cert_file = base.join(&cfg.ca_cert_file);
+        cfg.ca_key_file = base.join(&cfg.ca_key_file);
+        cfg.trust_bundle_file =
+            Some(base.join(cfg.trust_bundle_file.as_ref().unwrap_or(&cfg.ca_cert_file)));
+        if cfg.cert_lifetime_seconds < 2 {
+            return Err(YamlError::Invalid {
+                path: path.to_owned(),
+                field: "certLifetimeSeconds".into(),
+                message: "must be at least 2 (certificates renew at half-life)".into(),
+            });
         }
         if cfg.worker_threads == 0 {
             return Err(YamlError::Invalid {
@@ -96,6 +127,16 @@ impl Config {
         Duration::from_secs(self.drain_timeout_seconds)
     }
 
+    pub fn cert_lifetime(&self) -> Duration {
+        Duration::from_secs(self.cert_lifetime_seconds)
+    }
+
+    pub fn trust_bundle_file(&self) -> &Path {
+        self.trust_bundle_file
+            .as_deref()
+            .unwrap_or(&self.ca_cert_file)
+    }
+
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_secs(self.connect_timeout_seconds)
     }
@@ -104,6 +145,8 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const BASE: &str = "workloadsFile: w.yaml\ncgroupPath: /sys/fs/cgroup\ncaCertFile: ca.pem\ncaKeyFile: ca.key\n";
 
     fn load(text: &str) -> Result<Config, YamlError> {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -127,18 +170,20 @@ mod tests {
         assert_eq!(cfg.drain_timeout(), Duration::from_secs(5));
         assert!(!cfg.sockmap);
         assert_eq!(cfg.ebpf_log, EbpfLog::Off);
+        assert_eq!(cfg.trust_domain, "cluster.local");
+        assert_eq!(cfg.trust_bundle_file(), cfg.ca_cert_file.as_path());
     }
 
     #[test]
     fn bad_input_names_the_field() {
-        let err = load("workloadsFile: w.yaml\ncgroupPath: /x\nsocketMark: 0\n")
+        let err = load(&format!("{BASE}socketMark: 0\n"))
             .unwrap_err()
             .to_string();
         assert!(
             err.contains("agent.yaml: socketMark: must not be 0"),
             "{err}"
         );
-        let err = load("workloadsFile: w.yaml\ncgroupPath: /x\nsockMap: true\n")
+        let err = load(&format!("{BASE}sockMap: true\n"))
             .unwrap_err()
             .to_string();
         assert!(

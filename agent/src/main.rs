@@ -34,6 +34,15 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Create a new mesh root CA (certificate and key, PEM).
+    CreateCa {
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,10 +87,40 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::Value::Object(obj));
             Ok(())
         }
+        Command::CreateCa {
+            trust_domain,
+            cert,
+            key,
+        } => {
+            let (cert_pem, key_pem) = nodemesh_agent::identity::ca::new_root(&trust_domain)?;
+            std::fs::write(&cert, cert_pem)
+                .with_context(|| format!("writing {}", cert.display()))?;
+            write_private(&key, &key_pem)?;
+            println!(
+                "created the root CA of {trust_domain}: {} (key {})",
+                cert.display(),
+                key.display()
+            );
+            Ok(())
+        }
         Command::Uninstall { config } => {
             let config = Config::load(&config)?;
             ebpf::uninstall(&config.bpffs_dir)?;
             Ok(())
         }
     }
+}
+
+/// Writes a key readable by its owner only.
+fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
 }

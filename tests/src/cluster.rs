@@ -91,6 +91,8 @@ pub struct AgentOptions {
     pub sockmap: bool,
     /// `ebpfLog: debug`: the programs' own log lines in the agent log.
     pub ebpf_log_debug: bool,
+    /// Workload certificate lifetime (default 24 h).
+    pub cert_lifetime_seconds: Option<u64>,
     pub drain_timeout_seconds: Option<u64>,
 }
 
@@ -238,6 +240,7 @@ impl Cluster {
         cluster.build_network()?;
         cluster.build_cgroups()?;
         cluster.mount_bpffs()?;
+        cluster.create_ca()?;
         for (i, s) in spec.services.iter().enumerate() {
             cluster.services.insert(
                 s.name.clone(),
@@ -457,6 +460,34 @@ impl Cluster {
         Ok(())
     }
 
+    /// The mesh CA every agent issues its workloads' certificates with.
+    pub fn ca_files(&self) -> (PathBuf, PathBuf) {
+        (self.state_dir.join("ca.pem"), self.state_dir.join("ca.key"))
+    }
+
+    /// The roots every agent trusts; starts as the CA's certificate.
+    pub fn trust_bundle_file(&self) -> PathBuf {
+        self.state_dir.join("bundle.pem")
+    }
+
+    fn create_ca(&self) -> Result<()> {
+        let (cert, key) = self.ca_files();
+        let out = Command::new(&self.agent_bin)
+            .args(["create-ca", "--trust-domain", "cluster.local", "--cert"])
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "nodemesh-agent create-ca: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        fs::copy(&cert, self.trust_bundle_file())?;
+        Ok(())
+    }
+
     fn mount_bpffs(&self) -> Result<()> {
         fs::create_dir_all(&self.bpffs)?;
         let out = Command::new("mount")
@@ -538,7 +569,7 @@ impl Cluster {
     fn write_agent_config(&self, k: usize) -> Result<()> {
         let a = &self.agents[k];
         let y = format!(
-            "workloadsFile: {}\ncgroupPath: {}\nbpffsDir: {}\naccessLog: {}\nsockmap: {}\ndrainTimeoutSeconds: {}\nebpfLog: {}\n",
+            "workloadsFile: {}\ncgroupPath: {}\nbpffsDir: {}\naccessLog: {}\nsockmap: {}\ndrainTimeoutSeconds: {}\nebpfLog: {}\ncaCertFile: {}\ncaKeyFile: {}\ntrustBundleFile: {}\ncertLifetimeSeconds: {}\n",
             a.workloads.display(),
             self.cgroup_dir.join(format!("node-{k}")).display(),
             self.bpffs.join(format!("node-{k}")).display(),
@@ -550,6 +581,10 @@ impl Cluster {
             } else {
                 "off"
             },
+            self.ca_files().0.display(),
+            self.ca_files().1.display(),
+            self.trust_bundle_file().display(),
+            self.spec.agent.cert_lifetime_seconds.unwrap_or(86400),
         );
         fs::write(&a.config, y)?;
         Ok(())

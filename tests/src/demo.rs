@@ -141,6 +141,8 @@ struct PairStats {
     received: u64,
     errors: u64,
     last_error: Option<String>,
+    /// `mutual_tls` (HBONE across nodes) or `none`.
+    security: String,
 }
 
 fn short(workload: &str) -> &str {
@@ -158,7 +160,12 @@ pub fn summarize(c: &Cluster) -> BTreeMap<(String, String), (u64, u64, u64, u64)
 fn table(c: &Cluster) -> BTreeMap<(String, String), PairStats> {
     let mut pairs: BTreeMap<(String, String), PairStats> = BTreeMap::new();
     for k in 0..c.agents.len() {
-        for e in c.access_log(k) {
+        // Each connection once: as its source's agent reported it.
+        for e in c
+            .access_log(k)
+            .into_iter()
+            .filter(|e| e["reporter"] == "source")
+        {
             let get = |f: &str| e.get(f).and_then(Value::as_str).unwrap_or("");
             let src = short(get("src_workload")).to_owned();
             let dst = match e.get("dst_workload").and_then(Value::as_str) {
@@ -167,6 +174,7 @@ fn table(c: &Cluster) -> BTreeMap<(String, String), PairStats> {
             };
             let p = pairs.entry((src, dst)).or_default();
             p.connections += 1;
+            p.security = get("security").to_owned();
             p.sent += e.get("bytes_sent").and_then(Value::as_u64).unwrap_or(0);
             p.received += e.get("bytes_received").and_then(Value::as_u64).unwrap_or(0);
             if get("result") != "ok" {
@@ -188,13 +196,13 @@ fn print_summary(c: &Cluster, elapsed: Duration) {
         elapsed.as_secs()
     );
     out += &format!(
-        "{:<12} {:<28} {:>8} {:>12} {:>12} {:>7}\n",
-        "SOURCE", "DESTINATION", "CONNS", "BYTES OUT", "BYTES IN", "ERRORS"
+        "{:<12} {:<28} {:>8} {:>12} {:>12} {:>7}  {}\n",
+        "SOURCE", "DESTINATION", "CONNS", "BYTES OUT", "BYTES IN", "ERRORS", "SECURITY"
     );
     for ((src, dst), p) in &pairs {
         out += &format!(
-            "{:<12} {:<28} {:>8} {:>12} {:>12} {:>7}\n",
-            src, dst, p.connections, p.sent, p.received, p.errors
+            "{:<12} {:<28} {:>8} {:>12} {:>12} {:>7}  {}\n",
+            src, dst, p.connections, p.sent, p.received, p.errors, p.security
         );
     }
     let errors: Vec<_> = pairs

@@ -68,7 +68,34 @@ fn cross_node_service_and_external_land_with_original_destination() {
     let remote = format!("{}:8080", c.pod("server-remote").ip4);
     let r = probe(&c, "client", &remote);
     assert_eq!(r["result"], "ok", "{r}");
-    // Forwarded from inside the client's netns: the server sees the pod IP.
+    let e = log_entries(&c, 0, |e| e["orig_dst"] == remote.as_str());
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0]["src_workload"], "shop/client");
+    assert_eq!(e[0]["dst_workload"], "shop/server-remote");
+    assert_eq!(e[0]["security"], "mutual_tls");
+    assert_eq!(e[0]["result"], "ok");
+    // The destination's agent saw the client's identity from its
+    // certificate, and its address from the forwarded header.
+    let e = log_entries(&c, 1, |e| e["orig_dst"] == remote.as_str());
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0]["reporter"], "destination");
+    assert_eq!(
+        e[0]["src_identity"],
+        "spiffe://cluster.local/ns/shop/sa/client"
+    );
+    assert!(
+        e[0]["src_addr"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{client_ip}:")),
+        "{e:?}"
+    );
+
+    // Same node: no HBONE, plain TCP from inside the client's netns, so the
+    // server sees the client's own address.
+    let local = format!("{}:8080", c.pod("server-local").ip4);
+    let r = probe(&c, "client", &local);
+    assert_eq!(r["result"], "ok", "{r}");
     assert!(
         r["server_saw"]
             .as_str()
@@ -76,11 +103,8 @@ fn cross_node_service_and_external_land_with_original_destination() {
             .starts_with(&format!("{client_ip}:")),
         "{r}"
     );
-    let e = log_entries(&c, 0, |e| e["orig_dst"] == remote.as_str());
-    assert_eq!(e.len(), 1, "{e:?}");
-    assert_eq!(e[0]["src_workload"], "shop/client");
-    assert_eq!(e[0]["dst_workload"], "shop/server-remote");
-    assert_eq!(e[0]["result"], "ok");
+    let e = log_entries(&c, 0, |e| e["orig_dst"] == local.as_str());
+    assert_eq!(e[0]["security"], "none");
 
     let vip = format!("{}:80", c.service("web").vip4);
     let r = probe(&c, "client", &vip);
@@ -190,8 +214,21 @@ fn thousand_concurrent_then_ten_thousand_and_maps_back_to_idle() {
             &["client", "concurrent", "--to", &remote, "--n", "1000"],
         )
         .unwrap();
-    assert_eq!(r["ok"], 1000, "{r}");
+    let errors: Vec<Value> = c
+        .access_log(0)
+        .into_iter()
+        .chain(c.access_log(1))
+        .filter(|e| e["result"] != "ok")
+        .take(5)
+        .collect();
+    assert_eq!(r["ok"], 1000, "{r} {errors:?}");
     assert_eq!(r["distinct_peers"], 1000, "{r}");
+    // They shared a handful of pooled HBONE connections (100 streams each).
+    let opened = c.agent_log(0).matches("HBONE connection opened").count();
+    assert!(
+        (1..=12).contains(&opened),
+        "{opened} HBONE connections for 1000 streams"
+    );
     let r = c
         .run_in_pod(
             "client",
@@ -263,6 +300,21 @@ fn ipv6_end_to_end_and_v4_mapped() {
     let remote6 = format!("[{}]:8080", c.pod("server-remote").ip6);
     let r = probe(&c, "client", &remote6);
     assert_eq!(r["result"], "ok", "{r}");
+    let e = log_entries(&c, 0, |e| e["orig_dst"] == remote6.as_str());
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0]["src_workload"], "shop/client");
+    assert_eq!(e[0]["security"], "mutual_tls");
+    let e = log_entries(&c, 1, |e| e["orig_dst"] == remote6.as_str());
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0]["src_addr"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("[{client6}]:")),
+        "{e:?}"
+    );
+    let local6 = format!("[{}]:8080", c.pod("server-local").ip6);
+    let r = probe(&c, "client", &local6);
     assert!(
         r["server_saw"]
             .as_str()
@@ -270,9 +322,6 @@ fn ipv6_end_to_end_and_v4_mapped() {
             .starts_with(&format!("[{client6}]:")),
         "{r}"
     );
-    let e = log_entries(&c, 0, |e| e["orig_dst"] == remote6.as_str());
-    assert_eq!(e.len(), 1, "{e:?}");
-    assert_eq!(e[0]["src_workload"], "shop/client");
 
     let vip6 = format!("[{}]:80", c.service("web").vip6);
     let r = probe(&c, "client", &vip6);

@@ -1,5 +1,8 @@
 //! The data path.
+mod h2io;
+pub mod inbound;
 pub mod outbound;
+pub mod pool;
 mod splice;
 
 use thiserror::Error;
@@ -33,6 +36,34 @@ pub enum ProxyError {
     Socket { pod: String, source: std::io::Error },
     #[error("transfer: {0}")]
     Transfer(std::io::Error),
+    #[error("HBONE to {addr}: TLS failed: {reason}")]
+    Tls {
+        addr: std::net::SocketAddr,
+        reason: String,
+    },
+    #[error(
+        "HBONE to {addr}: no answer in time; is the destination node's agent running and port 15008 reachable?"
+    )]
+    HboneTimeout { addr: std::net::SocketAddr },
+    #[error("HBONE to {addr}: {source}")]
+    Hbone {
+        addr: std::net::SocketAddr,
+        source: h2::Error,
+    },
+    #[error("HBONE to {addr}: destination answered {status}{}", status_hint(*status))]
+    HboneStatus {
+        addr: std::net::SocketAddr,
+        status: u16,
+    },
+}
+
+fn status_hint(status: u16) -> &'static str {
+    match status {
+        400 => " (bad request: the destination agent did not accept the CONNECT)",
+        401 => " (denied by the destination's policy)",
+        503 => " (the destination agent could not reach the pod)",
+        _ => "",
+    }
 }
 
 impl ProxyError {
@@ -43,6 +74,8 @@ impl ProxyError {
             Self::NoEndpoints { .. } => "no_endpoints",
             Self::ConnectTimeout { .. } | Self::Connect { .. } | Self::Socket { .. } => "connect",
             Self::Transfer(_) => "transfer",
+            Self::Tls { .. } => "tls",
+            Self::HboneTimeout { .. } | Self::Hbone { .. } | Self::HboneStatus { .. } => "hbone",
         }
     }
 }

@@ -1,0 +1,268 @@
+//! The HBONE server in each enrolled pod: `<pod IP>:15008`, TLS with the
+//! pod's certificate, HTTP/2 CONNECT to the pod's own ports.
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, warn};
+
+use super::{
+    h2io,
+    outbound::{LocalPod, Shared, reset_on_close},
+};
+use crate::{access_log::Entry, identity::Identity, tls::svid_identity};
+
+pub const HBONE_PORT: u16 = 15008;
+
+/// How long a peer may take for the TLS handshake and the HTTP/2 preface.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// HTTP/2 settings, as ztunnel's server: windows sized for bulk transfer,
+/// bounded headers and streams.
+pub fn h2_server() -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.initial_window_size(4 * 1024 * 1024)
+        .initial_connection_window_size(16 * 1024 * 1024)
+        .max_frame_size(1024 * 1024)
+        .max_header_list_size(64 * 1024)
+        .max_concurrent_streams(200)
+        .max_send_buffer_size(1024 * 1024);
+    b
+}
+
+pub async fn accept_loop(shared: Arc<Shared>, pod: Arc<LocalPod>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = shared.drain.stopped() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let guard = shared.drain.connection();
+                let shared = shared.clone();
+                let pod = pod.clone();
+                tokio::spawn(async move {
+                    serve_connection(&shared, &pod, stream, peer).await;
+                    drop(guard);
+                });
+            }
+            Err(e) => {
+                warn!(pod = %pod.pod.key(), "HBONE accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// v4-mapped addresses compare as IPv4.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+async fn serve_connection(
+    shared: &Arc<Shared>,
+    pod: &Arc<LocalPod>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) {
+    let local = match tcp.local_addr() {
+        Ok(a) => a,
+        Err(_) => return,
+    };
+    let _ = tcp.set_nodelay(true);
+    let issued = match shared.certs.get(&pod.identity) {
+        Ok(i) => i,
+        Err(e) => {
+            warn!(pod = %pod.pod.key(), "no certificate to serve HBONE with: {e}");
+            return;
+        }
+    };
+    let acceptor = TlsAcceptor::from(issued.server.clone());
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            warn!(pod = %pod.pod.key(), %peer, "HBONE TLS handshake refused: {e}");
+            log_failure(
+                shared,
+                pod,
+                peer,
+                "tls",
+                format!("TLS handshake refused: {e}"),
+            );
+            return;
+        }
+        Err(_) => {
+            warn!(pod = %pod.pod.key(), %peer, "HBONE TLS handshake timed out");
+            log_failure(shared, pod, peer, "tls", "TLS handshake timed out".into());
+            return;
+        }
+    };
+    // Identity comes only from the client certificate (already verified).
+    let src_identity = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| svid_identity(c, &pod.identity.trust_domain).ok());
+    let Some(src_identity) = src_identity else {
+        return;
+    };
+    let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, h2_server().handshake(tls)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            debug!(%peer, "HBONE HTTP/2 handshake failed: {e}");
+            return;
+        }
+        Err(_) => return,
+    };
+    while let Some(next) = conn.accept().await {
+        match next {
+            Ok((request, respond)) => {
+                let shared = shared.clone();
+                let pod = pod.clone();
+                let src_identity = src_identity.clone();
+                tokio::spawn(async move {
+                    serve_stream(&shared, &pod, local, peer, src_identity, request, respond).await;
+                });
+            }
+            Err(e) => {
+                debug!(%peer, "HBONE connection ended: {e}");
+                break;
+            }
+        }
+    }
+}
+
+fn log_failure(
+    shared: &Shared,
+    pod: &LocalPod,
+    peer: SocketAddr,
+    stage: &'static str,
+    error: String,
+) {
+    let mut e = Entry::new("destination", peer);
+    e.dst_workload = Some(pod.pod.key().to_string());
+    e.dst_identity = Some(pod.identity.to_string());
+    e.result = stage;
+    e.error = Some(error);
+    shared.access_log.log(e);
+}
+
+fn respond(mut respond: SendResponse<Bytes>, status: StatusCode) {
+    let response = Response::builder()
+        .status(status)
+        .body(())
+        .unwrap_or_default();
+    let _ = respond.send_response(response, true);
+}
+
+async fn serve_stream(
+    shared: &Shared,
+    pod: &LocalPod,
+    local: SocketAddr,
+    peer: SocketAddr,
+    src_identity: Identity,
+    request: Request<h2::RecvStream>,
+    responder: SendResponse<Bytes>,
+) {
+    let started = Instant::now();
+    let mut entry = Entry::new("destination", peer);
+    entry.src_identity = Some(src_identity.to_string());
+    entry.dst_workload = Some(pod.pod.key().to_string());
+    entry.dst_identity = Some(pod.identity.to_string());
+    entry.security = "mutual_tls";
+    if let Some(src) = request
+        .headers()
+        .get("forwarded")
+        .and_then(|v| v.to_str().ok())
+        .and_then(forwarded_for)
+    {
+        entry.src_addr = src;
+    }
+    // 400: not CONNECT, a bad authority, or one that is not this pod.
+    let target = match (request.method(), request.uri().authority()) {
+        (&Method::CONNECT, Some(a)) => a.as_str().parse::<SocketAddr>().ok(),
+        _ => None,
+    };
+    let Some(target) = target.filter(|t| canonical(t.ip()) == canonical(local.ip())) else {
+        entry.result = "bad_request";
+        entry.error = Some(format!(
+            "{} {} is not a CONNECT to this pod ({})",
+            request.method(),
+            request.uri(),
+            local.ip()
+        ));
+        respond(responder, StatusCode::BAD_REQUEST);
+        shared.access_log.log(entry);
+        return;
+    };
+    entry.orig_dst = target.to_string();
+    entry.upstream = Some(target.to_string());
+    let upstream = match pod.netns.socket(target, shared.socket_mark) {
+        Ok(socket) => tokio::time::timeout(shared.connect_timeout, socket.connect(target)).await,
+        Err(e) => Ok(Err(e)),
+    };
+    let mut upstream = match upstream {
+        Ok(Ok(s)) => s,
+        failed => {
+            let why = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => "timed out".into(),
+            };
+            entry.result = "connect";
+            entry.error = Some(format!(
+                "connect to {target} in pod {}: {why}",
+                pod.pod.key()
+            ));
+            respond(responder, StatusCode::SERVICE_UNAVAILABLE);
+            shared.access_log.log(entry);
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    let mut responder = responder;
+    let ok = Response::builder()
+        .status(StatusCode::OK)
+        .body(())
+        .unwrap_or_default();
+    let mut send = match responder.send_response(ok, false) {
+        Ok(s) => s,
+        Err(e) => {
+            entry.result = "transfer";
+            entry.error = Some(format!("HBONE stream closed before the response: {e}"));
+            shared.access_log.log(entry);
+            return;
+        }
+    };
+    match h2io::copy(&mut upstream, &mut send, request.into_body()).await {
+        Ok((to_peer, from_peer)) => {
+            entry.bytes_sent = to_peer;
+            entry.bytes_received = from_peer;
+        }
+        Err(e) => {
+            send.send_reset(h2::Reason::CANCEL);
+            reset_on_close(&upstream);
+            entry.result = "transfer";
+            entry.error = Some(e.to_string());
+        }
+    }
+    entry.duration_ms = started.elapsed().as_millis();
+    shared.access_log.log(entry);
+}
+
+/// `for="10.244.0.10:43210"` -> the address (telemetry only).
+fn forwarded_for(v: &str) -> Option<String> {
+    v.split(';')
+        .find_map(|p| p.trim().strip_prefix("for="))
+        .map(|s| s.trim_matches('"').to_owned())
+}
