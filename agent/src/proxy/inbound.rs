@@ -189,22 +189,15 @@ async fn serve_stream(
     {
         entry.src_addr = src;
     }
-    // 400: not CONNECT, a bad authority, or one that is not this pod.
-    let target = match (request.method(), request.uri().authority()) {
-        (&Method::CONNECT, Some(a)) => a.as_str().parse::<SocketAddr>().ok(),
-        _ => None,
-    };
-    let Some(target) = target.filter(|t| canonical(t.ip()) == canonical(local.ip())) else {
-        entry.result = "bad_request";
-        entry.error = Some(format!(
-            "{} {} is not a CONNECT to this pod ({})",
-            request.method(),
-            request.uri(),
-            local.ip()
-        ));
-        respond(responder, StatusCode::BAD_REQUEST);
-        shared.access_log.log(entry);
-        return;
+    let target = match connect_target(request.method(), request.uri(), local.ip()) {
+        Ok(t) => t,
+        Err(why) => {
+            entry.result = "bad_request";
+            entry.error = Some(why);
+            respond(responder, StatusCode::BAD_REQUEST);
+            shared.access_log.log(entry);
+            return;
+        }
     };
     entry.orig_dst = target.to_string();
     entry.upstream = Some(target.to_string());
@@ -260,8 +253,54 @@ async fn serve_stream(
     shared.access_log.log(entry);
 }
 
+/// The target of an HBONE request, or why it gets a 400: not CONNECT, an
+/// authority that is not `ip:port`, or an IP that is not the pod the
+/// connection arrived on (a peer may not use this pod to reach others).
+pub fn connect_target(
+    method: &Method,
+    uri: &http::Uri,
+    local_ip: IpAddr,
+) -> Result<SocketAddr, String> {
+    if method != Method::CONNECT {
+        return Err(format!("{method} is not CONNECT"));
+    }
+    let authority = uri
+        .authority()
+        .ok_or_else(|| format!("CONNECT {uri} has no authority"))?;
+    let target: SocketAddr = authority
+        .as_str()
+        .parse()
+        .map_err(|_| format!("authority {authority} is not ip:port"))?;
+    if canonical(target.ip()) != canonical(local_ip) {
+        return Err(format!("authority {target} is not this pod ({local_ip})"));
+    }
+    if target.port() == 0 {
+        return Err("port 0".into());
+    }
+    Ok(target)
+}
+
+/// The fuzz target's body (also run on the seed corpus as a test): a method
+/// line, then a URI line, then a `forwarded` header value.
+pub fn fuzz_connect_request(data: &[u8]) {
+    let mut lines = data.splitn(3, |b| *b == b'\n');
+    let (Some(method), Some(uri)) = (lines.next(), lines.next()) else {
+        return;
+    };
+    let local: IpAddr = [10, 244, 1, 10].into();
+    if let (Ok(m), Ok(u)) = (Method::from_bytes(method), http::Uri::try_from(uri)) {
+        if let Ok(t) = connect_target(&m, &u, local) {
+            assert_eq!(canonical(t.ip()), canonical(local));
+            assert_eq!(m, Method::CONNECT);
+        }
+    }
+    if let Some(Ok(fwd)) = lines.next().map(std::str::from_utf8) {
+        let _ = forwarded_for(fwd);
+    }
+}
+
 /// `for="10.244.0.10:43210"` -> the address (telemetry only).
-fn forwarded_for(v: &str) -> Option<String> {
+pub fn forwarded_for(v: &str) -> Option<String> {
     v.split(';')
         .find_map(|p| p.trim().strip_prefix("for="))
         .map(|s| s.trim_matches('"').to_owned())

@@ -1,0 +1,44 @@
+//! The fuzz targets' seed corpora, run as regular tests: every seed must go
+//! through without a panic, and the known ones must get their verdicts.
+use std::net::IpAddr;
+
+use http::{Method, Uri};
+use nodemesh_agent::proxy::inbound::{connect_target, forwarded_for, fuzz_connect_request};
+
+#[test]
+fn connect_request_seeds() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/connect_request");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let data = std::fs::read(entry.unwrap().path()).unwrap();
+        fuzz_connect_request(&data);
+        n += 1;
+    }
+    assert!(n >= 5, "seed corpus missing ({n} files)");
+
+    let local: IpAddr = [10, 244, 1, 10].into();
+    let check = |m: &str, u: &str| {
+        connect_target(
+            &Method::from_bytes(m.as_bytes()).unwrap(),
+            &u.parse::<Uri>().unwrap(),
+            local,
+        )
+    };
+    assert_eq!(check("CONNECT", "10.244.1.10:8080").unwrap().port(), 8080);
+    assert!(check("CONNECT", "[::ffff:10.244.1.10]:8080").is_ok());
+    for (m, u, why) in [
+        ("GET", "10.244.1.10:8080", "is not CONNECT"),
+        ("CONNECT", "10.244.1.11:8080", "is not this pod"),
+        ("CONNECT", "example.com:80", "is not ip:port"),
+        ("CONNECT", "/path", "has no authority"),
+        ("CONNECT", "10.244.1.10:0", "port 0"),
+    ] {
+        let err = check(m, u).unwrap_err();
+        assert!(err.contains(why), "{m} {u}: {err}");
+    }
+    assert_eq!(
+        forwarded_for("for=\"10.0.0.1:5\""),
+        Some("10.0.0.1:5".into())
+    );
+    assert_eq!(forwarded_for("proto=http"), None);
+}
