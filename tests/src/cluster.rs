@@ -724,6 +724,34 @@ impl Cluster {
         )
     }
 
+    /// The same for the fabric (the node-to-node link), e.g. a capture.
+    pub fn fabric_command(&self, args: &[&str]) -> Command {
+        self.command_in(
+            &self.cgroup_dir.join("external"),
+            &format!("/run/netns/{}", self.ns_fabric()),
+            args,
+        )
+    }
+
+    pub fn spawn_in_fabric(&mut self, args: &[&str]) -> Result<PathBuf> {
+        let cmd = self.fabric_command(args);
+        self.spawn(cmd, &format!("fabric-{}", self.background.len()))
+    }
+
+    /// Resident memory of node k's agent, KiB.
+    pub fn agent_rss_kib(&self, k: usize) -> u64 {
+        let Some(pid) = self.agent_pid(k) else {
+            return 0;
+        };
+        fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
     fn command_in(&self, cgroup: &Path, netns: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.lab_bin);
         cmd.arg("pod-exec")

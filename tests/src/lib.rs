@@ -4,8 +4,10 @@
 
 pub mod bench;
 pub mod bench_client;
+pub mod capture;
 pub mod cluster;
 pub mod demo;
+pub mod hbone_probe;
 pub mod sys;
 pub mod workload;
 

@@ -224,13 +224,20 @@ pub async fn probe(to: SocketAddr) -> serde_json::Value {
     }
 }
 
-/// Streams `bytes` pattern bytes, half-closes, and checks the server's sum.
-pub async fn send(to: SocketAddr, bytes: u64) -> Result<serde_json::Value> {
+/// Streams `bytes` pattern bytes (pausing `pace_ms` between chunks),
+/// half-closes, and checks the server's sum.
+pub async fn send(to: SocketAddr, bytes: u64, pace_ms: u64) -> Result<serde_json::Value> {
     let started = Instant::now();
     let s = connect(to).await?;
     let (mut r, mut w) = s.into_split();
     w.write_all(b"SINK\n").await?;
-    write_pattern(&mut w, bytes).await?;
+    let mut p = Pattern::new(bytes);
+    while let Some(chunk) = p.next_chunk() {
+        w.write_all(chunk).await?;
+        if pace_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(pace_ms)).await;
+        }
+    }
     w.shutdown().await?;
     let mut answer = String::new();
     r.read_to_string(&mut answer).await?;
@@ -239,6 +246,23 @@ pub async fn send(to: SocketAddr, bytes: u64) -> Result<serde_json::Value> {
     Ok(
         json!({"ok": ok, "answer": answer.trim(), "expected": expected, "seconds": started.elapsed().as_secs_f64()}),
     )
+}
+
+/// Sends `text` `repeat` times through the echo mode and checks the echo.
+pub async fn canary(to: SocketAddr, text: &str, repeat: usize) -> Result<serde_json::Value> {
+    let s = connect(to).await?;
+    let (mut r, mut w) = s.into_split();
+    let sent = text.repeat(repeat);
+    let writer = async {
+        w.write_all(b"ECHO\n").await?;
+        w.write_all(sent.as_bytes()).await?;
+        w.shutdown().await
+    };
+    let mut echoed = String::new();
+    let (wrote, read) = tokio::join!(writer, r.read_to_string(&mut echoed));
+    wrote?;
+    read?;
+    Ok(json!({"ok": echoed == sent, "bytes": sent.len()}))
 }
 
 /// Fetches `bytes` from the server, checks them, then — after the server

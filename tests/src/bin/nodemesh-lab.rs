@@ -54,6 +54,29 @@ enum Cmd {
         #[command(subcommand)]
         what: BenchCmd,
     },
+    /// Capture frames in this netns; report ports seen and any canary.
+    Capture {
+        #[arg(long)]
+        secs: f64,
+        #[arg(long, default_value = "")]
+        canary: String,
+        #[arg(long, value_delimiter = ',')]
+        ports: Vec<u16>,
+    },
+    /// Speak to an agent's HBONE port as a bad or hostile peer would.
+    HboneProbe {
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        mode: String,
+        #[arg(long)]
+        ca_cert: Option<PathBuf>,
+        #[arg(long)]
+        ca_key: Option<PathBuf>,
+        /// The CONNECT authority for the HTTP/2 modes.
+        #[arg(long, default_value = "10.244.1.10:8080")]
+        authority: String,
+    },
     /// A demo shop service: serves, and calls its dependencies.
     Shop {
         #[arg(long)]
@@ -78,6 +101,18 @@ enum ClientCmd {
         to: String,
         #[arg(long)]
         bytes: u64,
+        /// Pause between 64 KiB chunks (a long, slow transfer).
+        #[arg(long, default_value_t = 0)]
+        pace_ms: u64,
+    },
+    /// Sends a text many times (for captures that look for it).
+    Canary {
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        text: String,
+        #[arg(long, default_value_t = 1000)]
+        repeat: usize,
     },
     Fetch {
         #[arg(long)]
@@ -160,8 +195,11 @@ fn main() -> Result<()> {
             let v = rt.block_on(async {
                 Ok::<_, anyhow::Error>(match what {
                     ClientCmd::Probe { to } => workload::probe(workload::parse_addr(&to)?).await,
-                    ClientCmd::Send { to, bytes } => {
-                        workload::send(workload::parse_addr(&to)?, bytes).await?
+                    ClientCmd::Send { to, bytes, pace_ms } => {
+                        workload::send(workload::parse_addr(&to)?, bytes, pace_ms).await?
+                    }
+                    ClientCmd::Canary { to, text, repeat } => {
+                        workload::canary(workload::parse_addr(&to)?, &text, repeat).await?
                     }
                     ClientCmd::Fetch { to, bytes } => {
                         workload::fetch(workload::parse_addr(&to)?, bytes).await?
@@ -193,6 +231,31 @@ fn main() -> Result<()> {
                     }
                 }
             })?;
+            println!("{v}");
+            Ok(())
+        }
+        Cmd::Capture {
+            secs,
+            canary,
+            ports,
+        } => {
+            println!("{}", nodemesh_lab::capture::run(secs, &canary, &ports)?);
+            Ok(())
+        }
+        Cmd::HboneProbe {
+            to,
+            mode,
+            ca_cert,
+            ca_key,
+            authority,
+        } => {
+            let ca = ca_cert.as_deref().zip(ca_key.as_deref());
+            let v = runtime()?.block_on(nodemesh_lab::hbone_probe::run(
+                workload::parse_addr(&to)?,
+                &mode,
+                ca,
+                &authority,
+            ))?;
             println!("{v}");
             Ok(())
         }

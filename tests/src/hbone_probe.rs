@@ -1,0 +1,260 @@
+//! Talks to an agent's HBONE port (15008) the way a misbehaving or hostile
+//! peer would, and reports how the agent answered.
+use std::{
+    net::SocketAddr,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use nodemesh_agent::identity::{
+    CertificateAuthority as _, FileCa, Identity, WorkloadCert, ca::new_root,
+};
+use rustls::{
+    DigitallySignedStruct, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    net::TcpStream,
+};
+
+/// The probe does not check the server: it is testing the server's checks.
+#[derive(Debug)]
+struct AcceptAnyServer;
+
+impl ServerCertVerifier for AcceptAnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        nodemesh_agent::tls::provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn tls_config(cert: Option<&WorkloadCert>) -> Result<rustls::ClientConfig> {
+    let b = rustls::ClientConfig::builder_with_provider(nodemesh_agent::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer));
+    let mut config = match cert {
+        Some(c) => b.with_client_auth_cert(c.chain.clone(), c.key.clone_key())?,
+        None => b.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// Reads until the peer closes (or `limit`), returning how it ended and
+/// whether an HTTP/2 GOAWAY frame type byte was seen.
+async fn until_closed(mut r: impl AsyncRead + Unpin, limit: Duration) -> Value {
+    let started = Instant::now();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0usize;
+    let ended = loop {
+        match tokio::time::timeout(limit.saturating_sub(started.elapsed()), r.read(&mut buf)).await
+        {
+            Ok(Ok(0)) => break "closed",
+            Ok(Ok(n)) => got += n,
+            Ok(Err(_)) => break "reset",
+            Err(_) => break "open",
+        }
+    };
+    json!({"ended": ended, "bytes_from_server": got, "seconds": started.elapsed().as_secs_f64()})
+}
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const CONTINUATION: u8 = 0x9;
+const END_HEADERS: u8 = 0x4;
+
+/// HPACK for `:method CONNECT`, `:authority <a>` (literals, indexed names).
+fn connect_block(authority: &str) -> Vec<u8> {
+    let mut b = vec![0x02, 7];
+    b.extend_from_slice(b"CONNECT");
+    b.push(0x01);
+    b.push(authority.len() as u8);
+    b.extend_from_slice(authority.as_bytes());
+    b
+}
+
+/// Runs one probe; `mode` is one of plaintext, http1, no-cert, other-ca,
+/// rapid-reset, continuation-flood, big-header.
+pub async fn run(
+    to: SocketAddr,
+    mode: &str,
+    ca: Option<(&Path, &Path)>,
+    authority: &str,
+) -> Result<Value> {
+    let tcp = TcpStream::connect(to)
+        .await
+        .context("connecting to 15008")?;
+    tcp.set_nodelay(true)?;
+    let limit = Duration::from_secs(10);
+    match mode {
+        "plaintext" | "http1" => {
+            let mut tcp = tcp;
+            let bytes: &[u8] = if mode == "plaintext" {
+                b"hello, this is not TLS\n"
+            } else {
+                b"CONNECT 10.244.1.10:8080 HTTP/1.1\r\nHost: x\r\n\r\n"
+            };
+            let _ = tcp.write_all(bytes).await;
+            Ok(until_closed(tcp, limit).await)
+        }
+        "no-cert" | "other-ca" => {
+            let cert = if mode == "other-ca" {
+                let (cert_pem, key_pem) = new_root("cluster.local")?;
+                let ca = FileCa::from_pem(
+                    &cert_pem,
+                    &key_pem,
+                    Path::new("other.pem"),
+                    Path::new("other.key"),
+                )?;
+                Some(ca.issue(
+                    &Identity::new("cluster.local", "shop", "client"),
+                    Duration::from_secs(3600),
+                )?)
+            } else {
+                None
+            };
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(cert.as_ref())?));
+            let name = ServerName::IpAddress(to.ip().into());
+            match connector.connect(name, tcp).await {
+                // TLS 1.3: the server checks the client certificate after
+                // the client's handshake is done; its refusal comes next.
+                Ok(mut tls) => {
+                    let _ = tls.write_all(PREFACE).await;
+                    let _ = tls.flush().await;
+                    let mut v = until_closed(tls, limit).await;
+                    v["handshake"] = json!("completed on the client side");
+                    Ok(v)
+                }
+                Err(e) => Ok(json!({"ended": "refused", "error": e.to_string()})),
+            }
+        }
+        abuse => {
+            let (cert, key) =
+                ca.context("abuse modes need --ca-cert and --ca-key (a valid peer)")?;
+            let ca = FileCa::load(cert, key)?;
+            let cert = ca.issue(
+                &Identity::new("cluster.local", "shop", "client"),
+                Duration::from_secs(3600),
+            )?;
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(Some(&cert))?));
+            let tls = connector
+                .connect(ServerName::IpAddress(to.ip().into()), tcp)
+                .await
+                .context("TLS with a valid certificate")?;
+            let (r, mut w) = tokio::io::split(tls);
+            let reader = tokio::spawn(until_closed(r, Duration::from_secs(20)));
+            let sent = abuse_frames(&mut w, abuse, authority).await;
+            let mut v = reader.await?;
+            v["frames_sent"] = json!(sent);
+            Ok(v)
+        }
+    }
+}
+
+/// Writes the abusive frames until the server stops reading (or a bound).
+async fn abuse_frames(w: &mut (impl AsyncWrite + Unpin), mode: &str, authority: &str) -> u64 {
+    let mut sent = 0u64;
+    let mut write = async |bytes: Vec<u8>| w.write_all(&bytes).await.is_ok();
+    if !write([PREFACE, &frame(SETTINGS, 0, 0, &[])].concat()).await {
+        return 0;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    match mode {
+        "rapid-reset" => {
+            let block = connect_block(authority);
+            let mut stream = 1u32;
+            while stream < 40_000 && Instant::now() < deadline {
+                let mut batch = frame(HEADERS, END_HEADERS, stream, &block);
+                batch.extend(frame(RST_STREAM, 0, stream, &8u32.to_be_bytes()));
+                if !write(batch).await {
+                    break;
+                }
+                sent += 2;
+                stream += 2;
+            }
+        }
+        "continuation-flood" => {
+            if write(frame(HEADERS, 0, 1, &connect_block(authority))).await {
+                let junk = vec![0x40u8; 16 * 1024];
+                while Instant::now() < deadline {
+                    if !write(frame(CONTINUATION, 0, 1, &junk)).await {
+                        break;
+                    }
+                    sent += 1;
+                }
+            }
+        }
+        "big-header" => {
+            // One 1 MiB header value, in 16 KiB pieces.
+            let mut block = connect_block(authority);
+            block.extend_from_slice(&[0x00, 0x01, b'x', 0x7f]);
+            let mut n = (1usize << 20) - 127;
+            while n >= 128 {
+                block.push(0x80 | (n & 0x7f) as u8);
+                n >>= 7;
+            }
+            block.push(n as u8);
+            block.extend(std::iter::repeat_n(b'a', 1 << 20));
+            let chunks: Vec<&[u8]> = block.chunks(16 * 1024).collect();
+            for (i, c) in chunks.iter().enumerate() {
+                let last = i + 1 == chunks.len();
+                let f = if i == 0 {
+                    frame(HEADERS, if last { END_HEADERS } else { 0 }, 1, c)
+                } else {
+                    frame(CONTINUATION, if last { END_HEADERS } else { 0 }, 1, c)
+                };
+                if !write(f).await {
+                    break;
+                }
+                sent += 1;
+            }
+        }
+        _ => {}
+    }
+    let _ = w.flush().await;
+    sent
+}
