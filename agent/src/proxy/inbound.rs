@@ -288,11 +288,11 @@ pub fn fuzz_connect_request(data: &[u8]) {
         return;
     };
     let local: IpAddr = [10, 244, 1, 10].into();
-    if let (Ok(m), Ok(u)) = (Method::from_bytes(method), http::Uri::try_from(uri)) {
-        if let Ok(t) = connect_target(&m, &u, local) {
-            assert_eq!(canonical(t.ip()), canonical(local));
-            assert_eq!(m, Method::CONNECT);
-        }
+    if let (Ok(m), Ok(u)) = (Method::from_bytes(method), http::Uri::try_from(uri))
+        && let Ok(t) = connect_target(&m, &u, local)
+    {
+        assert_eq!(canonical(t.ip()), canonical(local));
+        assert_eq!(m, Method::CONNECT);
     }
     if let Some(Ok(fwd)) = lines.next().map(std::str::from_utf8) {
         let _ = forwarded_for(fwd);
