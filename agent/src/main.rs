@@ -67,6 +67,8 @@ fn main() -> anyhow::Result<()> {
         Command::Validate { config: path } => {
             let config = Config::load(&path)?;
             let w = Workloads::load(&config.workloads_file)?;
+            nodemesh_agent::identity::FileCa::load(&config.ca_cert_file, &config.ca_key_file)?;
+            nodemesh_agent::identity::store::read_bundle(config.trust_bundle_file())?;
             println!(
                 "ok: {} and {}: {} pods, {} local to {}",
                 path.display(),

@@ -9,36 +9,68 @@ fn agent(args: &[&str]) -> std::process::Output {
 }
 
 #[test]
-fn validate_accepts_the_examples_and_rejects_bad_files_with_their_location() {
+fn create_ca_then_validate_the_examples_and_reject_bad_files_with_their_location() {
+    let dir = std::env::temp_dir().join(format!("nodemesh-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = dir.to_str().unwrap();
+    let out = agent(&[
+        "create-ca",
+        "--cert",
+        &format!("{d}/ca.pem"),
+        "--key",
+        &format!("{d}/ca.key"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::copy(dir.join("ca.pem"), dir.join("bundle.pem")).unwrap();
+
+    // The documented example, with its CA paths pointed here.
     let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples");
-    let out = agent(&["validate", "--config", &format!("{examples}/agent.yaml")]);
+    let example = std::fs::read_to_string(format!("{examples}/agent.yaml")).unwrap();
+    std::fs::write(
+        dir.join("agent.yaml"),
+        example.replace("/etc/nodemesh/ca/", &format!("{d}/")),
+    )
+    .unwrap();
+    std::fs::copy(
+        format!("{examples}/workloads.yaml"),
+        dir.join("workloads.yaml"),
+    )
+    .unwrap();
+    let config = format!("{d}/agent.yaml");
+    let out = agent(&["validate", "--config", &config]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let dir = std::env::temp_dir().join(format!("nodemesh-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("agent.yaml"),
-        "workloadsFile: workloads.yaml\ncgroupPath: /sys/fs/cgroup\n",
-    )
-    .unwrap();
     std::fs::write(
         dir.join("workloads.yaml"),
         "node: n0\npods:\n  - name: a\n    namespace: shop\n    ips: [10.0.0.1]\n    node: n1\n    nodeName: n1\n",
     )
     .unwrap();
-    let out = agent(&[
-        "validate",
-        "--config",
-        dir.join("agent.yaml").to_str().unwrap(),
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let out = agent(&["validate", "--config", &config]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    std::fs::write(dir.join("ca.key"), "not a key").unwrap();
+    std::fs::copy(
+        format!("{examples}/workloads.yaml"),
+        dir.join("workloads.yaml"),
+    )
+    .unwrap();
+    let bad_key = agent(&["validate", "--config", &config]);
+    let bad_key_err = String::from_utf8_lossy(&bad_key.stderr).into_owned();
     let _ = std::fs::remove_dir_all(&dir);
     assert!(!out.status.success());
     assert!(stderr.contains("workloads.yaml"), "{stderr}");
     assert!(stderr.contains("line 7 column 5"), "{stderr}");
     assert!(stderr.contains("unknown field `nodeName`"), "{stderr}");
+    assert!(!bad_key.status.success());
+    assert!(
+        bad_key_err.contains("ca.key") && bad_key_err.contains("private key"),
+        "{bad_key_err}"
+    );
 }
