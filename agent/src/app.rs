@@ -20,6 +20,7 @@ use crate::{
     identity::{CertStore, FileCa, store::read_bundle},
     inpod::{self, PodNetns},
     proxy::{
+        self,
         inbound::{self, HBONE_PORT},
         outbound::{self, LocalPod, Shared},
         pool::Pool,
@@ -267,10 +268,12 @@ impl Enrolment {
         });
         let mut listeners = JoinSet::new();
         for l in std::iter::once(v4).chain(v6) {
-            listeners.spawn(outbound::accept_loop(self.shared.clone(), local.clone(), l));
+            let (shared, local) = (self.shared.clone(), local.clone());
+            listeners.spawn(proxy::accept_loop(shared, local, l, outbound::serve));
         }
         for l in std::iter::once(hbone_v4).chain(hbone_v6) {
-            listeners.spawn(inbound::accept_loop(self.shared.clone(), local.clone(), l));
+            let (shared, local) = (self.shared.clone(), local.clone());
+            listeners.spawn(proxy::accept_loop(shared, local, l, inbound::serve));
         }
         let flags = if self.shared.sockmap {
             ENROLLED_FLAG_SOCKMAP

@@ -770,6 +770,13 @@ impl Cluster {
         run_json(self.pod_command(pod, args))
     }
 
+    /// A `PEER` round trip from `pod` to `to`: `{"result": "ok", ...}` or
+    /// how it failed (refused, reset, eof, timeout).
+    pub fn probe(&self, pod: &str, to: &str) -> Value {
+        self.run_in_pod(pod, &["client", "probe", "--to", to])
+            .expect("running the probe client")
+    }
+
     /// Starts a long-running lab command (a server) in a pod; it is killed
     /// with the cluster. Waits until it prints its first line ("listening").
     pub fn spawn_in_pod(&mut self, pod: &str, args: &[&str]) -> Result<PathBuf> {
@@ -804,6 +811,15 @@ impl Cluster {
             bail!("{name} failed to start: {text}");
         }
         Ok(out)
+    }
+}
+
+/// Polls `f` until it holds; panics (a test failure) after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

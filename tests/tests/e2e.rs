@@ -2,7 +2,9 @@
 //! skip) when the cluster cannot be built.
 use std::time::{Duration, Instant};
 
-use nodemesh_lab::{Cluster, ClusterSpec, PodSpec, ServiceSpec, cluster::EXTERNAL_V4};
+use nodemesh_lab::{
+    Cluster, ClusterSpec, PodSpec, ServiceSpec, cluster::EXTERNAL_V4, cluster::wait_for,
+};
 use serde_json::Value;
 
 fn spec(pods: Vec<PodSpec>, services: Vec<ServiceSpec>) -> ClusterSpec {
@@ -34,14 +36,6 @@ fn standard() -> Cluster {
     c
 }
 
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// The access-log entries of node k's agent for which `f` holds, waiting
 /// briefly for the log writer.
 fn log_entries(c: &Cluster, k: usize, f: impl Fn(&Value) -> bool) -> Vec<Value> {
@@ -56,7 +50,7 @@ fn log_entries(c: &Cluster, k: usize, f: impl Fn(&Value) -> bool) -> Vec<Value> 
 }
 
 fn probe(c: &Cluster, pod: &str, to: &str) -> Value {
-    c.run_in_pod(pod, &["client", "probe", "--to", to]).unwrap()
+    c.probe(pod, to)
 }
 
 #[test]

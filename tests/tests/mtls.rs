@@ -5,7 +5,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nodemesh_lab::{Cluster, ClusterSpec, PodSpec, ServiceSpec};
+use nodemesh_lab::{Cluster, ClusterSpec, PodSpec, ServiceSpec, cluster::wait_for};
 use serde_json::Value;
 
 fn cluster(cert_lifetime_seconds: Option<u64>) -> Cluster {
@@ -26,12 +26,26 @@ fn cluster(cert_lifetime_seconds: Option<u64>) -> Cluster {
     c
 }
 
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// A slow transfer (64 KiB per `pace_ms`) from the client to the remote
+/// server, as a child process.
+fn paced_send(c: &Cluster, bytes: u64, pace_ms: u64) -> std::process::Child {
+    c.pod_command(
+        "client",
+        &[
+            "client",
+            "send",
+            "--to",
+            &remote(c),
+            "--bytes",
+            &bytes.to_string(),
+            "--pace-ms",
+            &pace_ms.to_string(),
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap()
 }
 
 fn remote(c: &Cluster) -> String {
@@ -39,7 +53,7 @@ fn remote(c: &Cluster) -> String {
 }
 
 fn probe(c: &Cluster, pod: &str, to: &str) -> Value {
-    c.run_in_pod(pod, &["client", "probe", "--to", to]).unwrap()
+    c.probe(pod, to)
 }
 
 /// Captures on the node-to-node link while `pod` sends a canary.
@@ -181,23 +195,7 @@ fn certificate_rotation_does_not_break_a_long_transfer() {
     // 4 s certificates renew every 2 s; the transfer takes longer.
     let c = cluster(Some(4));
     let to = remote(&c);
-    let child = c
-        .pod_command(
-            "client",
-            &[
-                "client",
-                "send",
-                "--to",
-                &to,
-                "--bytes",
-                &(48u64 << 20).to_string(),
-                "--pace-ms",
-                "6",
-            ],
-        )
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = paced_send(&c, 48 << 20, 6);
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     let r: Value = serde_json::from_str(text.lines().last().unwrap_or("{}")).unwrap();
@@ -262,26 +260,8 @@ fn trust_bundle_rotation_with_overlapping_roots_keeps_traffic_flowing() {
 #[test]
 fn a_peer_agent_killed_mid_stream_resets_the_client() {
     let mut c = cluster(None);
-    let to = remote(&c);
     let started = Instant::now();
-    let mut child = c
-        .pod_command(
-            "client",
-            &[
-                "client",
-                "send",
-                "--to",
-                &to,
-                "--bytes",
-                &(64u64 << 20).to_string(),
-                "--pace-ms",
-                "10",
-            ],
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = paced_send(&c, 64 << 20, 10);
     std::thread::sleep(Duration::from_millis(800));
     assert!(
         child.try_wait().unwrap().is_none(),

@@ -9,7 +9,7 @@ use std::{
 use bytes::Bytes;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
@@ -37,28 +37,9 @@ pub fn h2_server() -> h2::server::Builder {
     b
 }
 
-pub async fn accept_loop(shared: Arc<Shared>, pod: Arc<LocalPod>, listener: TcpListener) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            () = shared.drain.stopped() => return,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let guard = shared.drain.connection();
-                let shared = shared.clone();
-                let pod = pod.clone();
-                tokio::spawn(async move {
-                    serve_connection(&shared, &pod, stream, peer).await;
-                    drop(guard);
-                });
-            }
-            Err(e) => {
-                warn!(pod = %pod.pod.key(), "HBONE accept: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+/// Serves one HBONE connection (TLS, then HTTP/2 streams).
+pub async fn serve(shared: Arc<Shared>, pod: Arc<LocalPod>, tcp: TcpStream, peer: SocketAddr) {
+    serve_connection(&shared, &pod, tcp, peer).await;
 }
 
 /// v4-mapped addresses compare as IPv4.

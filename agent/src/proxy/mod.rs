@@ -5,7 +5,13 @@ pub mod outbound;
 pub mod pool;
 mod splice;
 
+use std::{net::SocketAddr, sync::Arc};
+
 use thiserror::Error;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::warn;
+
+use outbound::{LocalPod, Shared};
 
 /// Why a proxied connection failed, and where.
 #[derive(Debug, Error)]
@@ -76,6 +82,40 @@ impl ProxyError {
             Self::Transfer(_) => "transfer",
             Self::Tls { .. } => "tls",
             Self::HboneTimeout { .. } | Self::Hbone { .. } | Self::HboneStatus { .. } => "hbone",
+        }
+    }
+}
+
+/// Accepts on one of a pod's listeners until draining starts; each
+/// connection is served by `serve` in its own task and counted for drain.
+pub async fn accept_loop<F, Fut>(
+    shared: Arc<Shared>,
+    pod: Arc<LocalPod>,
+    listener: TcpListener,
+    serve: F,
+) where
+    F: Fn(Arc<Shared>, Arc<LocalPod>, TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = shared.drain.stopped() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let guard = shared.drain.connection();
+                let served = serve(shared.clone(), pod.clone(), stream, peer);
+                tokio::spawn(async move {
+                    served.await;
+                    drop(guard);
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(pod = %pod.pod.key(), "accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
         }
     }
 }

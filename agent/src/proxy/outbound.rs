@@ -11,10 +11,7 @@ use nodemesh_common::{
     AF_INET, FlowKey, SockKey,
     user::{ip_to_words, words_to_ip},
 };
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::watch,
-};
+use tokio::{net::TcpStream, sync::watch};
 use tracing::{debug, warn};
 
 use super::{ProxyError, h2io, inbound::HBONE_PORT, pool::Pool};
@@ -56,29 +53,9 @@ pub struct LocalPod {
     pub netns: PodNetns,
 }
 
-pub async fn accept_loop(shared: Arc<Shared>, pod: Arc<LocalPod>, listener: TcpListener) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            () = shared.drain.stopped() => return,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let guard = shared.drain.connection();
-                let shared = shared.clone();
-                let pod = pod.clone();
-                tokio::spawn(async move {
-                    handle(&shared, &pod, stream, peer).await;
-                    drop(guard);
-                });
-            }
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                warn!(pod = %pod.pod.key(), "accept: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
+/// Serves one redirected connection.
+pub async fn serve(shared: Arc<Shared>, pod: Arc<LocalPod>, client: TcpStream, peer: SocketAddr) {
+    handle(&shared, &pod, client, peer).await;
 }
 
 async fn handle(shared: &Shared, pod: &LocalPod, mut client: TcpStream, peer: SocketAddr) {
