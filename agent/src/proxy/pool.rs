@@ -256,7 +256,8 @@ impl Pool {
     }
 }
 
-/// Client HTTP/2 settings, as ztunnel's client.
+/// Client HTTP/2 settings; the windows as the server's (measured, see
+/// `inbound::h2_server`).
 fn h2_client() -> h2::client::Builder {
     let mut b = h2::client::Builder::new();
     b.initial_window_size(4 * 1024 * 1024)
