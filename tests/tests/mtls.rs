@@ -290,3 +290,27 @@ fn a_peer_agent_killed_mid_stream_resets_the_client() {
     );
     assert!(started.elapsed() < Duration::from_secs(20));
 }
+
+#[test]
+fn a_draining_destination_sends_goaway_instead_of_waiting_for_idle_peers() {
+    let mut spec = ClusterSpec {
+        nodes: 2,
+        pods: vec![PodSpec::new("client", 0), PodSpec::new("server-remote", 1)],
+        services: vec![],
+        agent: Default::default(),
+    };
+    spec.agent.drain_timeout_seconds = Some(30);
+    let mut c = Cluster::start(spec).unwrap();
+    c.spawn_in_pod("server-remote", &["serve", "--port", "8080"])
+        .unwrap();
+    // Leaves a pooled, idle HBONE connection from node 0 to node 1.
+    assert_eq!(probe(&c, "client", &remote(&c))["result"], "ok");
+    let started = Instant::now();
+    let status = c.stop_agent(1).unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the drain waited {:?} for an idle pooled connection",
+        started.elapsed()
+    );
+}

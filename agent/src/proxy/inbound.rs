@@ -108,7 +108,19 @@ async fn serve_connection(
         }
         Err(_) => return,
     };
-    while let Some(next) = conn.accept().await {
+    // On drain: GOAWAY, so peers open no new streams here and the connection
+    // closes once its streams are done (pooled peers hold idle ones open).
+    let mut draining = false;
+    loop {
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            () = shared.drain.stopped(), if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+                continue;
+            }
+        };
+        let Some(next) = next else { break };
         match next {
             Ok((request, respond)) => {
                 let shared = shared.clone();
