@@ -192,8 +192,8 @@ fn http2_abuse_leaves_memory_bounded_and_others_served() {
 
 #[test]
 fn certificate_rotation_does_not_break_a_long_transfer() {
-    // 4 s certificates renew every 2 s; the transfer takes longer.
-    let c = cluster(Some(4));
+    // 2 s certificates renew every second; the transfer takes over 4 s.
+    let c = cluster(Some(2));
     let to = remote(&c);
     let child = paced_send(&c, 48 << 20, 6);
     let out = child.wait_with_output().unwrap();

@@ -24,7 +24,9 @@ pub struct WorkloadCert {
     pub identity: Identity,
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
-    pub not_before: SystemTime,
+    /// When it was issued. `not_before` in the certificate is earlier, to
+    /// allow for clock skew; renewal counts from here.
+    pub issued_at: SystemTime,
     pub not_after: SystemTime,
 }
 
@@ -33,9 +35,9 @@ impl WorkloadCert {
     pub fn renew_at(&self) -> SystemTime {
         let life = self
             .not_after
-            .duration_since(self.not_before)
+            .duration_since(self.issued_at)
             .unwrap_or_default();
-        self.not_before + life / 2
+        self.issued_at + life / 2
     }
 }
 
@@ -128,7 +130,7 @@ impl CertificateAuthority for FileCa {
             identity: identity.clone(),
             chain: vec![cert.der().clone()],
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            not_before,
+            issued_at: now,
             not_after,
         })
     }
