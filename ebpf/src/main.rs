@@ -23,7 +23,7 @@ use aya_ebpf::{
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_msg, sock_ops},
-    maps::{Array, HashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
     programs::{SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
@@ -41,8 +41,10 @@ const LOOPBACK_V4_BE: u32 = u32::to_be(0x7f00_0001);
 static ENROLLED: HashMap<u64, EnrolledPod> = HashMap::pinned(ENROLLED_CAPACITY, 0);
 
 /// Socket cookie -> original destination, between connect() and ESTABLISHED.
+/// LRU: a connect() that fails before TCP_CONNECT_CB (so before the close
+/// callback is asked for) leaves its entry; the oldest such go first.
 #[map(name = "NM_PENDING")]
-static PENDING: HashMap<u64, OrigDst> = HashMap::pinned(PENDING_CAPACITY, 0);
+static PENDING: LruHashMap<u64, OrigDst> = LruHashMap::pinned(PENDING_CAPACITY, 0);
 
 #[map(name = "NM_ORIG_DST")]
 static ORIG_DST: HashMap<FlowKey, OrigDst> = HashMap::pinned(ORIG_DST_CAPACITY, 0);

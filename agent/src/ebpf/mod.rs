@@ -408,9 +408,9 @@ pub fn pinned_map_sizes(bpffs_dir: &Path) -> Result<Vec<(&'static str, usize)>, 
     let open = |name: &'static str| {
         MapData::from_pin(maps_dir.join(name)).map_err(|source| KernelError::Map { name, source })
     };
-    use aya::maps::Map::{HashMap as H, SockHash as S};
+    use aya::maps::Map::{HashMap as H, LruHashMap as L, SockHash as S};
     let enrolled: HashMap<_, u64, EnrolledPod> = typed_map(MAP_ENROLLED, H(open(MAP_ENROLLED)?))?;
-    let pending: HashMap<_, u64, OrigDst> = typed_map(MAP_PENDING, H(open(MAP_PENDING)?))?;
+    let pending: HashMap<_, u64, OrigDst> = typed_map(MAP_PENDING, L(open(MAP_PENDING)?))?;
     let orig: HashMap<_, FlowKey, OrigDst> = typed_map(MAP_ORIG_DST, H(open(MAP_ORIG_DST)?))?;
     let sockhash: SockHash<_, SockKey> = typed_map(MAP_SOCKHASH, S(open(MAP_SOCKHASH)?))?;
     Ok(vec![
