@@ -37,6 +37,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     raise_fd_limit();
     let source = FileWorkloadSource::start(&config.workloads_file)?;
     let mut workloads = source.subscribe();
+    // Everything that can be wrong in files is checked before the kernel is
+    // touched.
+    let ca = FileCa::load(&config.ca_cert_file, &config.ca_key_file)?;
+    let bundle_path = config.trust_bundle_file().to_owned();
+    let roots = read_bundle(&bundle_path)?;
+    let bundle = Arc::new(
+        TrustBundle::new(&roots)
+            .with_context(|| format!("trust bundle {}", bundle_path.display()))?,
+    );
+    let certs = Arc::new(CertStore::new(Arc::new(ca), bundle, config.cert_lifetime()));
 
     let kernel = Arc::new(Kernel::install(&Settings {
         bpffs_dir: &config.bpffs_dir,
@@ -53,14 +63,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("opening the access log {}", path.display()))?,
         None => AccessLog::disabled(),
     };
-    let ca = FileCa::load(&config.ca_cert_file, &config.ca_key_file)?;
-    let bundle_path = config.trust_bundle_file().to_owned();
-    let roots = read_bundle(&bundle_path)?;
-    let bundle = Arc::new(
-        TrustBundle::new(&roots)
-            .with_context(|| format!("trust bundle {}", bundle_path.display()))?,
-    );
-    let certs = Arc::new(CertStore::new(Arc::new(ca), bundle, config.cert_lifetime()));
     let pool = Pool::new(certs.clone(), config.socket_mark, config.connect_timeout());
     let drain = Drain::default();
     let shared = Arc::new(Shared {
