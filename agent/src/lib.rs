@@ -9,6 +9,7 @@ pub mod drain;
 pub mod ebpf;
 pub mod identity;
 pub mod inpod;
+pub mod policy;
 pub mod proxy;
 pub mod state;
 pub mod tls;

@@ -19,10 +19,17 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Check the config and workloads files; exit non-zero on any error.
+    /// Check files offline; exit non-zero on any error: the agent config
+    /// (and the workloads, CA and trust bundle files it names), and/or a
+    /// directory of policy documents.
     Validate {
         #[arg(long)]
-        config: PathBuf,
+        config: Option<PathBuf>,
+        /// A policy directory (AuthorizationPolicy, PeerAuthentication).
+        policy_dir: Option<PathBuf>,
+        /// Namespace whose policies apply mesh-wide.
+        #[arg(long, default_value = nodemesh_agent::policy::DEFAULT_ROOT_NAMESPACE)]
+        root_namespace: String,
     },
     /// Print the entry counts of the pinned maps (JSON).
     Maps {
@@ -64,19 +71,41 @@ fn main() -> anyhow::Result<()> {
                 .context("starting the runtime")?
                 .block_on(app::run(config))
         }
-        Command::Validate { config: path } => {
-            let config = Config::load(&path)?;
-            let w = Workloads::load(&config.workloads_file)?;
-            nodemesh_agent::identity::FileCa::load(&config.ca_cert_file, &config.ca_key_file)?;
-            nodemesh_agent::identity::store::read_bundle(config.trust_bundle_file())?;
-            println!(
-                "ok: {} and {}: {} pods, {} local to {}",
-                path.display(),
-                config.workloads_file.display(),
-                w.pods().len(),
-                w.local_pods().count(),
-                w.node
-            );
+        Command::Validate {
+            config,
+            policy_dir,
+            root_namespace,
+        } => {
+            if config.is_none() && policy_dir.is_none() {
+                anyhow::bail!("nothing to validate: give --config FILE and/or a policy directory");
+            }
+            if let Some(path) = config {
+                let config = Config::load(&path)?;
+                let w = Workloads::load(&config.workloads_file)?;
+                nodemesh_agent::identity::FileCa::load(&config.ca_cert_file, &config.ca_key_file)?;
+                nodemesh_agent::identity::store::read_bundle(config.trust_bundle_file())?;
+                println!(
+                    "ok: {} and {}: {} pods, {} local to {}",
+                    path.display(),
+                    config.workloads_file.display(),
+                    w.pods().len(),
+                    w.local_pods().count(),
+                    w.node
+                );
+            }
+            if let Some(dir) = policy_dir {
+                let loaded = nodemesh_agent::policy::load_dir(&dir, &root_namespace)?;
+                for w in &loaded.warnings {
+                    eprintln!("warning: {w}");
+                }
+                println!(
+                    "ok: {}: {} authorization policies, {} peer authentications in {} files",
+                    dir.display(),
+                    loaded.authorization.len(),
+                    loaded.peer_authentication.len(),
+                    loaded.files.len()
+                );
+            }
             Ok(())
         }
         Command::Maps { config } => {

@@ -28,7 +28,24 @@ pub enum YamlError {
     },
 }
 
+/// Reads a file that may hold several documents (`---`).
+pub fn read_documents<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>, YamlError> {
+    let text = read_text(path)?;
+    serde_saphyr::from_multiple(&text).map_err(|e| YamlError::Parse {
+        path: path.to_owned(),
+        message: e
+            .to_string()
+            .replace(", set DuplicateKeyPolicy in Options if acceptable", ""),
+    })
+}
+
 pub fn read_file<T: DeserializeOwned>(path: &Path) -> Result<T, YamlError> {
+    let text = read_text(path)?;
+    parse_str(path, &text)
+}
+
+/// The file as UTF-8, refused above the size limit.
+fn read_text(path: &Path) -> Result<String, YamlError> {
     let meta = std::fs::metadata(path).map_err(|source| YamlError::Read {
         path: path.to_owned(),
         source,
@@ -43,14 +60,13 @@ pub fn read_file<T: DeserializeOwned>(path: &Path) -> Result<T, YamlError> {
         path: path.to_owned(),
         source,
     })?;
-    let text = String::from_utf8(bytes).map_err(|e| YamlError::Parse {
+    String::from_utf8(bytes).map_err(|e| YamlError::Parse {
         path: path.to_owned(),
         message: format!(
             "not UTF-8 (invalid byte at offset {})",
             e.utf8_error().valid_up_to()
         ),
-    })?;
-    parse_str(path, &text)
+    })
 }
 
 pub fn parse_str<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, YamlError> {

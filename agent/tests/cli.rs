@@ -74,3 +74,34 @@ fn create_ca_then_validate_the_examples_and_reject_bad_files_with_their_location
         "{bad_key_err}"
     );
 }
+
+#[test]
+fn validate_a_policy_directory() {
+    let dir = std::env::temp_dir().join(format!("nodemesh-cli-policy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("allow.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec:\n  rules:\n  - to: [{operation: {methods: [GET]}}]\n",
+    )
+    .unwrap();
+    let out = agent(&["validate", dir.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: shop/a:") && stderr.contains("methods"),
+        "{stderr}"
+    );
+    std::fs::write(
+        dir.join("bad.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: b}\nspec:\n  rules:\n  - to: [{operation: {ports: [\"0\"]}}]\n",
+    )
+    .unwrap();
+    let out = agent(&["validate", dir.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("bad.yaml:6:") && stderr.contains("ports[0]"),
+        "{stderr}"
+    );
+}

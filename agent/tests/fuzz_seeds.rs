@@ -3,7 +3,10 @@
 use std::net::IpAddr;
 
 use http::{Method, Uri};
-use nodemesh_agent::proxy::inbound::{connect_target, forwarded_for, fuzz_connect_request};
+use nodemesh_agent::{
+    policy::fuzz_policy_file,
+    proxy::inbound::{connect_target, forwarded_for, fuzz_connect_request},
+};
 
 #[test]
 fn connect_request_seeds() {
@@ -41,4 +44,15 @@ fn connect_request_seeds() {
         Some("10.0.0.1:5".into())
     );
     assert_eq!(forwarded_for("proto=http"), None);
+}
+
+#[test]
+fn policy_file_seeds() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/policy_file");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        fuzz_policy_file(&std::fs::read(entry.unwrap().path()).unwrap());
+        n += 1;
+    }
+    assert!(n >= 5, "seed corpus missing ({n} files)");
 }

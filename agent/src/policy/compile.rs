@@ -1,0 +1,660 @@
+//! Checks and compiles policy documents: what parsing cannot check (CIDRs,
+//! ports, principals, which fields belong to which kind), each error with the
+//! file, line, column and field path.
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use super::model::{Condition, Document, Operation, S, Source, Spec};
+
+/// API groups accepted unchanged: Istio's and ours.
+pub const API_VERSIONS: [&str; 3] = [
+    "security.istio.io/v1",
+    "security.istio.io/v1beta1",
+    "security.nodemesh.dev/v1alpha1",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyError {
+    pub file: PathBuf,
+    pub line: u64,
+    pub column: u64,
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.field,
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for PolicyError {}
+
+/// Something accepted but not enforced as written (L7 fields at L4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyWarning {
+    pub policy: String,
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for PolicyWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.policy, self.field, self.message)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Allow,
+    Deny,
+    Audit,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StrMatch {
+    Any,
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+}
+
+impl StrMatch {
+    fn parse(v: &str) -> Result<Self, String> {
+        if v == "*" {
+            return Ok(Self::Any);
+        }
+        let stars = v.matches('*').count();
+        match (stars, v.strip_suffix('*'), v.strip_prefix('*')) {
+            (0, _, _) => Ok(Self::Exact(v.to_owned())),
+            (1, Some(p), _) => Ok(Self::Prefix(p.to_owned())),
+            (1, _, Some(s)) => Ok(Self::Suffix(s.to_owned())),
+            _ => Err(format!("{v:?}: '*' may only start or end a value")),
+        }
+    }
+
+    pub fn matches(&self, v: &str) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Exact(e) => v == e,
+            Self::Prefix(p) => v.starts_with(p.as_str()),
+            Self::Suffix(s) => v.ends_with(s.as_str()),
+        }
+    }
+}
+
+/// An address block: `10.0.0.0/8`, `fd00::/16` or a single address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpBlock {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+impl IpBlock {
+    fn parse(v: &str) -> Result<Self, String> {
+        let (ip, prefix) = match v.split_once('/') {
+            Some((ip, p)) => (ip, Some(p)),
+            None => (v, None),
+        };
+        let addr: IpAddr = ip
+            .parse()
+            .map_err(|_| format!("{v:?} is not an IP address or CIDR block"))?;
+        let addr = canonical(addr);
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{v:?}: prefix length must be 0..={max}"))?,
+            None => max,
+        };
+        Ok(Self { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let bits = |ip: IpAddr| -> u128 {
+            match ip {
+                IpAddr::V4(v4) => u128::from(u32::from(v4)) << 96,
+                IpAddr::V6(v6) => u128::from(v6),
+            }
+        };
+        let ip = canonical(ip);
+        if ip.is_ipv4() != self.addr.is_ipv4() {
+            return false;
+        }
+        if self.prefix == 0 {
+            return true;
+        }
+        let shift = if self.addr.is_ipv4() {
+            32 - u32::from(self.prefix)
+        } else {
+            128 - u32::from(self.prefix)
+        };
+        let shift = if self.addr.is_ipv4() {
+            shift + 96
+        } else {
+            shift
+        };
+        (bits(ip) >> shift) == (bits(self.addr) >> shift)
+    }
+}
+
+/// One match list with its negation; `None`: the field was absent.
+#[derive(Debug, Clone)]
+pub struct Field<T> {
+    pub any_of: Option<Vec<T>>,
+    pub none_of: Option<Vec<T>>,
+}
+
+impl<T> Default for Field<T> {
+    fn default() -> Self {
+        Self {
+            any_of: None,
+            none_of: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SourceMatch {
+    pub principals: Field<StrMatch>,
+    pub namespaces: Field<StrMatch>,
+    pub ip_blocks: Field<IpBlock>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct OperationMatch {
+    pub ports: Field<u16>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConditionKey {
+    SourceIp,
+    SourceNamespace,
+    SourcePrincipal,
+    DestinationIp,
+    DestinationPort,
+}
+
+#[derive(Debug, Clone)]
+pub enum ConditionValues {
+    Strings(Field<StrMatch>),
+    Ips(Field<IpBlock>),
+    Ports(Field<u16>),
+}
+
+#[derive(Debug, Clone)]
+pub struct ConditionMatch {
+    pub key: ConditionKey,
+    pub values: ConditionValues,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RuleMatch {
+    /// Any one must match; empty: any source.
+    pub from: Vec<SourceMatch>,
+    /// Any one must match; empty: any operation.
+    pub to: Vec<OperationMatch>,
+    /// All must match.
+    pub when: Vec<ConditionMatch>,
+    /// The rule names L7 attributes, which L4 cannot see: an ALLOW rule with
+    /// them never matches; in a DENY rule they are ignored (ztunnel).
+    pub has_l7: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthorizationPolicy {
+    /// `namespace/name`.
+    pub name: String,
+    pub namespace: String,
+    pub selector: BTreeMap<String, String>,
+    pub action: Action,
+    pub rules: Vec<RuleMatch>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MtlsMode {
+    Strict,
+    Permissive,
+    Disable,
+    Unset,
+}
+
+#[derive(Debug, Clone)]
+pub struct PeerAuthentication {
+    pub name: String,
+    pub namespace: String,
+    pub selector: Option<BTreeMap<String, String>>,
+    pub mode: MtlsMode,
+    pub port_modes: BTreeMap<u16, MtlsMode>,
+}
+
+#[derive(Debug, Default)]
+pub struct Compiled {
+    pub authorization: Vec<AuthorizationPolicy>,
+    pub peer_authentication: Vec<PeerAuthentication>,
+    pub warnings: Vec<PolicyWarning>,
+}
+
+struct Ctx<'a> {
+    file: &'a Path,
+    errors: Vec<PolicyError>,
+    warnings: Vec<PolicyWarning>,
+    policy: String,
+}
+
+impl Ctx<'_> {
+    fn error(&mut self, at: &S, field: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(PolicyError {
+            file: self.file.to_owned(),
+            line: at.referenced.line(),
+            column: at.referenced.column(),
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    fn warn(&mut self, field: impl Into<String>, message: &str) {
+        self.warnings.push(PolicyWarning {
+            policy: self.policy.clone(),
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    fn list<T>(
+        &mut self,
+        values: &Option<Vec<S>>,
+        path: &str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Option<Vec<T>> {
+        let values = values.as_ref()?;
+        let mut out = Vec::with_capacity(values.len());
+        for (i, v) in values.iter().enumerate() {
+            match parse(&v.value) {
+                Ok(t) => out.push(t),
+                Err(m) => self.error(v, format!("{path}[{i}]"), m),
+            }
+        }
+        Some(out)
+    }
+}
+
+fn parse_port(v: &str) -> Result<u16, String> {
+    v.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{v:?} is not a port (1-65535)"))
+}
+
+fn parse_principal(v: &str) -> Result<StrMatch, String> {
+    if v.starts_with("spiffe://") {
+        return Err(format!(
+            "{v:?}: principals are written without spiffe:// (e.g. cluster.local/ns/shop/sa/cart)"
+        ));
+    }
+    if v.is_empty() {
+        return Err("empty principal".into());
+    }
+    StrMatch::parse(v)
+}
+
+fn parse_namespace(v: &str) -> Result<StrMatch, String> {
+    if v.is_empty() {
+        return Err("empty namespace".into());
+    }
+    StrMatch::parse(v)
+}
+
+const L7_WHEN_PREFIXES: [&str; 3] = ["request.", "connection.sni", "experimental."];
+
+fn source(ctx: &mut Ctx<'_>, s: &Source, path: &str) -> SourceMatch {
+    for (present, field) in [
+        (s.request_principals.is_some(), "requestPrincipals"),
+        (s.not_request_principals.is_some(), "notRequestPrincipals"),
+    ] {
+        if present {
+            ctx.warn(
+                format!("{path}.{field}"),
+                "an L7 field, which L4 enforcement cannot see",
+            );
+        }
+    }
+    let mut ip_blocks = ctx.list(&s.ip_blocks, &format!("{path}.ipBlocks"), IpBlock::parse);
+    // At L4 the remote IP is the peer's IP.
+    if let Some(more) = ctx.list(
+        &s.remote_ip_blocks,
+        &format!("{path}.remoteIpBlocks"),
+        IpBlock::parse,
+    ) {
+        ip_blocks.get_or_insert_with(Vec::new).extend(more);
+    }
+    let mut not_ip_blocks = ctx.list(
+        &s.not_ip_blocks,
+        &format!("{path}.notIpBlocks"),
+        IpBlock::parse,
+    );
+    if let Some(more) = ctx.list(
+        &s.not_remote_ip_blocks,
+        &format!("{path}.notRemoteIpBlocks"),
+        IpBlock::parse,
+    ) {
+        not_ip_blocks.get_or_insert_with(Vec::new).extend(more);
+    }
+    SourceMatch {
+        principals: Field {
+            any_of: ctx.list(
+                &s.principals,
+                &format!("{path}.principals"),
+                parse_principal,
+            ),
+            none_of: ctx.list(
+                &s.not_principals,
+                &format!("{path}.notPrincipals"),
+                parse_principal,
+            ),
+        },
+        namespaces: Field {
+            any_of: ctx.list(
+                &s.namespaces,
+                &format!("{path}.namespaces"),
+                parse_namespace,
+            ),
+            none_of: ctx.list(
+                &s.not_namespaces,
+                &format!("{path}.notNamespaces"),
+                parse_namespace,
+            ),
+        },
+        ip_blocks: Field {
+            any_of: ip_blocks,
+            none_of: not_ip_blocks,
+        },
+    }
+}
+
+fn operation(ctx: &mut Ctx<'_>, o: &Operation, path: &str) -> (OperationMatch, bool) {
+    let mut l7 = false;
+    for (present, field) in [
+        (o.hosts.is_some(), "hosts"),
+        (o.not_hosts.is_some(), "notHosts"),
+        (o.methods.is_some(), "methods"),
+        (o.not_methods.is_some(), "notMethods"),
+        (o.paths.is_some(), "paths"),
+        (o.not_paths.is_some(), "notPaths"),
+    ] {
+        if present {
+            l7 = true;
+            ctx.warn(
+                format!("{path}.{field}"),
+                "an L7 field, which L4 enforcement cannot see",
+            );
+        }
+    }
+    (
+        OperationMatch {
+            ports: Field {
+                any_of: ctx.list(&o.ports, &format!("{path}.ports"), parse_port),
+                none_of: ctx.list(&o.not_ports, &format!("{path}.notPorts"), parse_port),
+            },
+        },
+        l7,
+    )
+}
+
+fn condition(ctx: &mut Ctx<'_>, c: &Condition, path: &str) -> Result<Option<ConditionMatch>, ()> {
+    let key = match c.key.value.as_str() {
+        "source.ip" | "remote.ip" => ConditionKey::SourceIp,
+        "source.namespace" => ConditionKey::SourceNamespace,
+        "source.principal" => ConditionKey::SourcePrincipal,
+        "destination.ip" => ConditionKey::DestinationIp,
+        "destination.port" => ConditionKey::DestinationPort,
+        k if L7_WHEN_PREFIXES.iter().any(|p| k.starts_with(p)) => {
+            ctx.warn(
+                format!("{path}.key"),
+                &format!("{k} is an L7 attribute, which L4 enforcement cannot see"),
+            );
+            return Ok(None);
+        }
+        k => {
+            ctx.error(
+                &c.key,
+                format!("{path}.key"),
+                format!("unknown condition key {k:?}"),
+            );
+            return Err(());
+        }
+    };
+    if c.values.is_none() && c.not_values.is_none() {
+        ctx.error(
+            &c.key,
+            path.to_owned(),
+            "a condition needs values or notValues",
+        );
+        return Err(());
+    }
+    let (v, nv) = (format!("{path}.values"), format!("{path}.notValues"));
+    let values = match key {
+        ConditionKey::SourceIp | ConditionKey::DestinationIp => ConditionValues::Ips(Field {
+            any_of: ctx.list(&c.values, &v, IpBlock::parse),
+            none_of: ctx.list(&c.not_values, &nv, IpBlock::parse),
+        }),
+        ConditionKey::DestinationPort => ConditionValues::Ports(Field {
+            any_of: ctx.list(&c.values, &v, parse_port),
+            none_of: ctx.list(&c.not_values, &nv, parse_port),
+        }),
+        ConditionKey::SourcePrincipal => ConditionValues::Strings(Field {
+            any_of: ctx.list(&c.values, &v, parse_principal),
+            none_of: ctx.list(&c.not_values, &nv, parse_principal),
+        }),
+        ConditionKey::SourceNamespace => ConditionValues::Strings(Field {
+            any_of: ctx.list(&c.values, &v, parse_namespace),
+            none_of: ctx.list(&c.not_values, &nv, parse_namespace),
+        }),
+    };
+    Ok(Some(ConditionMatch { key, values }))
+}
+
+fn mtls_mode(ctx: &mut Ctx<'_>, m: &S, path: &str) -> MtlsMode {
+    match m.value.as_str() {
+        "STRICT" => MtlsMode::Strict,
+        "PERMISSIVE" => MtlsMode::Permissive,
+        "DISABLE" => MtlsMode::Disable,
+        "UNSET" => MtlsMode::Unset,
+        other => {
+            ctx.error(
+                m,
+                path.to_owned(),
+                format!("{other:?} is not STRICT, PERMISSIVE, DISABLE or UNSET"),
+            );
+            MtlsMode::Unset
+        }
+    }
+}
+
+/// Fields present in `spec` that `kind` does not have.
+fn foreign_fields(kind: &str, spec: &Spec) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let authz = kind == "AuthorizationPolicy";
+    if authz {
+        if spec.mtls.is_some() {
+            out.push("mtls");
+        }
+        if spec.port_level_mtls.is_some() {
+            out.push("portLevelMtls");
+        }
+    } else {
+        if spec.action.is_some() {
+            out.push("action");
+        }
+        if spec.rules.is_some() {
+            out.push("rules");
+        }
+        if spec.provider.is_some() {
+            out.push("provider");
+        }
+    }
+    out
+}
+
+/// Compiles one file's documents. `index` numbers documents for paths.
+pub fn compile(file: &Path, docs: &[Document], out: &mut Compiled) -> Result<(), Vec<PolicyError>> {
+    let mut ctx = Ctx {
+        file,
+        errors: Vec::new(),
+        warnings: Vec::new(),
+        policy: String::new(),
+    };
+    for (d, doc) in docs.iter().enumerate() {
+        let at = |f: &str| format!("document {d}: {f}");
+        if !API_VERSIONS.contains(&doc.api_version.value.as_str()) {
+            ctx.error(
+                &doc.api_version,
+                at("apiVersion"),
+                format!(
+                    "{:?} is not one of {}",
+                    doc.api_version.value,
+                    API_VERSIONS.join(", ")
+                ),
+            );
+            continue;
+        }
+        let namespace = doc
+            .metadata
+            .namespace
+            .as_ref()
+            .map(|n| n.value.clone())
+            .unwrap_or_else(|| "default".into());
+        ctx.policy = format!("{namespace}/{}", doc.metadata.name.value);
+        let kind = doc.kind.value.as_str();
+        if kind != "AuthorizationPolicy" && kind != "PeerAuthentication" {
+            ctx.error(
+                &doc.kind,
+                at("kind"),
+                format!("{kind:?} is not AuthorizationPolicy or PeerAuthentication"),
+            );
+            continue;
+        }
+        for f in foreign_fields(kind, &doc.spec) {
+            ctx.error(
+                &doc.kind,
+                at(&format!("spec.{f}")),
+                format!("not a field of {kind}"),
+            );
+        }
+        let selector = doc.spec.selector.as_ref().map(|s| s.match_labels.clone());
+        if kind == "PeerAuthentication" {
+            let mode = match &doc.spec.mtls {
+                Some(m) => mtls_mode(&mut ctx, &m.mode, &at("spec.mtls.mode")),
+                None => MtlsMode::Unset,
+            };
+            let mut port_modes = BTreeMap::new();
+            for (port, m) in doc.spec.port_level_mtls.iter().flatten() {
+                let path = at(&format!("spec.portLevelMtls.{port}.mode"));
+                let mode = mtls_mode(&mut ctx, &m.mode, &path);
+                match parse_port(port) {
+                    Ok(p) => {
+                        port_modes.insert(p, mode);
+                    }
+                    Err(e) => ctx.error(&m.mode, at(&format!("spec.portLevelMtls.{port}")), e),
+                }
+            }
+            out.peer_authentication.push(PeerAuthentication {
+                name: ctx.policy.clone(),
+                namespace,
+                selector,
+                mode,
+                port_modes,
+            });
+            continue;
+        }
+        let action = match doc.spec.action.as_ref().map(|a| a.value.as_str()) {
+            None | Some("ALLOW") => Action::Allow,
+            Some("DENY") => Action::Deny,
+            Some("AUDIT") => Action::Audit,
+            Some(other) => {
+                let a = doc.spec.action.as_ref().expect("matched Some");
+                ctx.error(
+                    a,
+                    at("spec.action"),
+                    format!("{other:?}: L4 supports ALLOW, DENY and AUDIT"),
+                );
+                continue;
+            }
+        };
+        if doc.spec.provider.is_some() {
+            ctx.error(
+                &doc.kind,
+                at("spec.provider"),
+                "CUSTOM providers are not supported",
+            );
+        }
+        let mut rules = Vec::new();
+        for (r, rule) in doc.spec.rules.iter().flatten().enumerate() {
+            let path = at(&format!("spec.rules[{r}]"));
+            let from = rule
+                .from
+                .iter()
+                .enumerate()
+                .map(|(i, f)| source(&mut ctx, &f.source, &format!("{path}.from[{i}].source")))
+                .collect();
+            let mut has_l7 = rule.from.iter().any(|f| {
+                f.source.request_principals.is_some() || f.source.not_request_principals.is_some()
+            });
+            let mut to = Vec::new();
+            for (i, t) in rule.to.iter().enumerate() {
+                let (op, l7) =
+                    operation(&mut ctx, &t.operation, &format!("{path}.to[{i}].operation"));
+                has_l7 |= l7;
+                to.push(op);
+            }
+            let mut when = Vec::new();
+            for (i, c) in rule.when.iter().enumerate() {
+                match condition(&mut ctx, c, &format!("{path}.when[{i}]")) {
+                    Ok(Some(c)) => when.push(c),
+                    Ok(None) => has_l7 = true,
+                    Err(()) => {}
+                }
+            }
+            rules.push(RuleMatch {
+                from,
+                to,
+                when,
+                has_l7,
+            });
+        }
+        out.authorization.push(AuthorizationPolicy {
+            name: ctx.policy.clone(),
+            namespace,
+            selector: selector.unwrap_or_default(),
+            action,
+            rules,
+        });
+    }
+    out.warnings.append(&mut ctx.warnings);
+    if ctx.errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ctx.errors)
+    }
+}
