@@ -30,8 +30,10 @@ pub struct Entry {
     pub security: &'static str,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// The policy that decided (an ALLOW that matched, or the DENY).
+    pub policy: Option<String>,
     /// `ok`, or where it failed: `redirect`, `no_endpoints`, `connect`,
-    /// `tls`, `hbone`, `bad_request`, `transfer`.
+    /// `tls`, `hbone`, `bad_request`, `denied`, `transfer`.
     pub result: &'static str,
     pub error: Option<String>,
 }
@@ -56,6 +58,7 @@ impl Entry {
             security: "none",
             bytes_sent: 0,
             bytes_received: 0,
+            policy: None,
             result: "ok",
             error: None,
         }

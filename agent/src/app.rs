@@ -17,8 +17,10 @@ use crate::{
     config::Config,
     drain::Drain,
     ebpf::{Kernel, Settings},
+    fswatch,
     identity::{CertStore, FileCa, store::read_bundle},
     inpod::{self, PodNetns},
+    policy::PolicyStore,
     proxy::{
         self,
         inbound::{self, HBONE_PORT},
@@ -47,6 +49,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("trust bundle {}", bundle_path.display()))?,
     );
     let certs = Arc::new(CertStore::new(Arc::new(ca), bundle, config.cert_lifetime()));
+    // Policy: an invalid set at start-up stops the agent (there is no last
+    // good set to keep, and starting with none would allow what it denies).
+    let policies = Arc::new(PolicyStore::new(&config.root_namespace));
+    if let Some(dir) = &config.policy_dir
+        && !policies.reload(dir)
+    {
+        anyhow::bail!("the policy set in {} is invalid (see above)", dir.display());
+    }
 
     let kernel = Arc::new(Kernel::install(&Settings {
         bpffs_dir: &config.bpffs_dir,
@@ -76,7 +86,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         trust_domain: config.trust_domain.clone(),
         certs: certs.clone(),
         pool,
+        policies: policies.clone(),
     });
+    let _policy_watch = match &config.policy_dir {
+        Some(dir) => {
+            let (store, d) = (policies.clone(), dir.clone());
+            let yaml = |n: &std::ffi::OsStr| {
+                n.to_str()
+                    .is_some_and(|n| n.ends_with(".yaml") || n.ends_with(".yml"))
+            };
+            Some(fswatch::watch(dir, yaml, move || {
+                store.reload(&d);
+            })?)
+        }
+        None => None,
+    };
     let _bundle_watch = watch_trust_bundle(certs.clone(), &bundle_path)?;
     tokio::spawn(renew_certificates(certs.clone()));
 
@@ -335,37 +359,21 @@ fn watch_trust_bundle(
     certs: Arc<CertStore>,
     path: &std::path::Path,
 ) -> anyhow::Result<notify::RecommendedWatcher> {
-    use notify::Watcher as _;
-    let path = path.to_owned();
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(std::path::Path::new("."))
         .to_owned();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let name = path.file_name().map(|n| n.to_owned());
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(e) = event
-            && !e.kind.is_access()
-            && e.paths.iter().any(|p| {
-                p.file_name() == name.as_deref() || p.file_name().is_some_and(|n| n == "..data")
-            })
-        {
-            let _ = tx.send(());
-        }
-    })?;
-    watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
-    tokio::spawn(async move {
-        while rx.recv().await.is_some() {
-            tokio::time::sleep(Duration::from_millis(150)).await;
-            while rx.try_recv().is_ok() {}
-            match certs.reload_bundle(&path) {
-                Ok(n) => info!(roots = n, file = %path.display(), "trust bundle reloaded"),
-                Err(e) => error!("trust bundle rejected, keeping the previous roots: {e}"),
-            }
-        }
-    });
-    Ok(watcher)
+    let path = path.to_owned();
+    Ok(fswatch::watch(
+        &dir,
+        move |n| Some(n) == name.as_deref(),
+        move || match certs.reload_bundle(&path) {
+            Ok(n) => info!(roots = n, file = %path.display(), "trust bundle reloaded"),
+            Err(e) => error!("trust bundle rejected, keeping the previous roots: {e}"),
+        },
+    )?)
 }
 
 fn raise_fd_limit() {

@@ -42,6 +42,13 @@ pub struct Config {
     /// Lifetime of issued workload certificates; renewed at half-life.
     #[serde(default = "default_cert_lifetime")]
     pub cert_lifetime_seconds: u64,
+    /// Directory of AuthorizationPolicy / PeerAuthentication files (a
+    /// ConfigMap mount); watched. None: no policy, everything allowed.
+    #[serde(default)]
+    pub policy_dir: Option<PathBuf>,
+    /// Namespace whose policies apply mesh-wide.
+    #[serde(default = "default_root_namespace")]
+    pub root_namespace: String,
     /// The sk_msg fast path for data the agent sends to apps.
     #[serde(default)]
     pub sockmap: bool,
@@ -70,6 +77,9 @@ fn default_bpffs_dir() -> PathBuf {
 fn default_socket_mark() -> u32 {
     0x4e4d // "NM"
 }
+fn default_root_namespace() -> String {
+    crate::policy::DEFAULT_ROOT_NAMESPACE.into()
+}
 fn default_trust_domain() -> String {
     "cluster.local".into()
 }
@@ -94,6 +104,9 @@ impl Config {
         cfg.workloads_file = base.join(&cfg.workloads_file);
         if let Some(log) = &cfg.access_log {
             cfg.access_log = Some(base.join(log));
+        }
+        if let Some(dir) = &cfg.policy_dir {
+            cfg.policy_dir = Some(base.join(dir));
         }
         cfg.ca_cert_file = base.join(&cfg.ca_cert_file);
         cfg.ca_key_file = base.join(&cfg.ca_key_file);

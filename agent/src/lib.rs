@@ -7,6 +7,7 @@ pub mod app;
 pub mod config;
 pub mod drain;
 pub mod ebpf;
+pub mod fswatch;
 pub mod identity;
 pub mod inpod;
 pub mod policy;

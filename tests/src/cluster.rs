@@ -465,6 +465,16 @@ impl Cluster {
         (self.state_dir.join("ca.pem"), self.state_dir.join("ca.key"))
     }
 
+    /// The policy directory every agent watches (a ConfigMap in Kubernetes).
+    pub fn policy_dir(&self) -> PathBuf {
+        self.state_dir.join("policies")
+    }
+
+    /// Writes (atomically) one policy file into the shared policy directory.
+    pub fn write_policy(&self, name: &str, yaml: &str) -> Result<()> {
+        write_atomically(&self.policy_dir().join(name), yaml)
+    }
+
     /// The roots every agent trusts; starts as the CA's certificate.
     pub fn trust_bundle_file(&self) -> PathBuf {
         self.state_dir.join("bundle.pem")
@@ -485,6 +495,7 @@ impl Cluster {
             );
         }
         fs::copy(&cert, self.trust_bundle_file())?;
+        fs::create_dir_all(self.policy_dir())?;
         Ok(())
     }
 
@@ -569,7 +580,7 @@ impl Cluster {
     fn write_agent_config(&self, k: usize) -> Result<()> {
         let a = &self.agents[k];
         let y = format!(
-            "workloadsFile: {}\ncgroupPath: {}\nbpffsDir: {}\naccessLog: {}\nsockmap: {}\ndrainTimeoutSeconds: {}\nebpfLog: {}\ncaCertFile: {}\ncaKeyFile: {}\ntrustBundleFile: {}\ncertLifetimeSeconds: {}\n",
+            "workloadsFile: {}\ncgroupPath: {}\nbpffsDir: {}\naccessLog: {}\nsockmap: {}\ndrainTimeoutSeconds: {}\nebpfLog: {}\ncaCertFile: {}\ncaKeyFile: {}\ntrustBundleFile: {}\ncertLifetimeSeconds: {}\npolicyDir: {}\n",
             a.workloads.display(),
             self.cgroup_dir.join(format!("node-{k}")).display(),
             self.bpffs.join(format!("node-{k}")).display(),
@@ -585,6 +596,7 @@ impl Cluster {
             self.ca_files().1.display(),
             self.trust_bundle_file().display(),
             self.spec.agent.cert_lifetime_seconds.unwrap_or(86400),
+            self.policy_dir().display(),
         );
         fs::write(&a.config, y)?;
         Ok(())

@@ -7,6 +7,7 @@
 mod compile;
 mod engine;
 mod model;
+mod store;
 
 use std::path::{Path, PathBuf};
 
@@ -14,6 +15,7 @@ pub use compile::{
     Action, AuthorizationPolicy, MtlsMode, PeerAuthentication, PolicyError, PolicyWarning,
 };
 pub use engine::{Decision, PolicySet, Request};
+pub use store::PolicyStore;
 
 use crate::yaml;
 

@@ -8,16 +8,21 @@ use std::{
 
 use bytes::Bytes;
 use h2::server::SendResponse;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use super::{
-    h2io,
-    outbound::{LocalPod, Shared, reset_on_close},
+    denied_by, h2io,
+    outbound::{LocalPod, Shared, note_decision, reset_on_close},
 };
-use crate::{access_log::Entry, identity::Identity, tls::svid_identity};
+use crate::{
+    access_log::Entry,
+    identity::Identity,
+    policy::{Decision, Request},
+    tls::svid_identity,
+};
 
 pub const HBONE_PORT: u16 = 15008;
 
@@ -167,24 +172,25 @@ async fn serve_stream(
     local: SocketAddr,
     peer: SocketAddr,
     src_identity: Identity,
-    request: Request<h2::RecvStream>,
+    http_request: http::Request<h2::RecvStream>,
     responder: SendResponse<Bytes>,
 ) {
+    let (request_head, body) = http_request.into_parts();
     let started = Instant::now();
     let mut entry = Entry::new("destination", peer);
     entry.src_identity = Some(src_identity.to_string());
     entry.dst_workload = Some(pod.pod.key().to_string());
     entry.dst_identity = Some(pod.identity.to_string());
     entry.security = "mutual_tls";
-    if let Some(src) = request
-        .headers()
+    if let Some(src) = request_head
+        .headers
         .get("forwarded")
         .and_then(|v| v.to_str().ok())
         .and_then(forwarded_for)
     {
         entry.src_addr = src;
     }
-    let target = match connect_target(request.method(), request.uri(), local.ip()) {
+    let target = match connect_target(&request_head.method, &request_head.uri, local.ip()) {
         Ok(t) => t,
         Err(why) => {
             entry.result = "bad_request";
@@ -196,6 +202,24 @@ async fn serve_stream(
     };
     entry.orig_dst = target.to_string();
     entry.upstream = Some(target.to_string());
+    // Policy: identity from the certificate, address from the TCP peer.
+    let request = Request {
+        src_identity: Some(&src_identity),
+        src_ip: peer.ip(),
+        dst_namespace: &pod.pod.namespace,
+        dst_labels: &pod.pod.labels,
+        dst_ip: target.ip(),
+        dst_port: target.port(),
+    };
+    let decision = shared.policies.decide(&request);
+    note_decision(&mut entry, &decision);
+    if let Decision::Deny { policy } = &decision {
+        entry.result = "denied";
+        entry.error = Some(format!("denied by {}", denied_by(policy)));
+        respond(responder, StatusCode::UNAUTHORIZED);
+        shared.access_log.log(entry);
+        return;
+    }
     let upstream = match pod.netns.socket(target, shared.socket_mark) {
         Ok(socket) => tokio::time::timeout(shared.connect_timeout, socket.connect(target)).await,
         Err(e) => Ok(Err(e)),
@@ -232,16 +256,47 @@ async fn serve_stream(
             return;
         }
     };
-    match h2io::copy(&mut upstream, &mut send, request.into_body()).await {
-        Ok((to_peer, from_peer)) => {
+    // While bytes flow, a new policy set may deny this connection: it is
+    // then closed; allowed ones are untouched.
+    let mut generation = shared.policies.subscribe();
+    let copied = {
+        let copy = h2io::copy(&mut upstream, &mut send, body);
+        tokio::pin!(copy);
+        loop {
+            tokio::select! {
+                r = &mut copy => break Some(r),
+                changed = generation.changed() => {
+                    if changed.is_err() {
+                        continue;
+                    }
+                    let now = shared.policies.decide(&request);
+                    if let Decision::Deny { policy } = now {
+                        entry.policy = policy.clone();
+                        entry.result = "denied";
+                        entry.error = Some(format!(
+                            "closed: after a policy reload, denied by {}",
+                            denied_by(&policy)
+                        ));
+                        break None;
+                    }
+                }
+            }
+        }
+    };
+    match copied {
+        Some(Ok((to_peer, from_peer))) => {
             entry.bytes_sent = to_peer;
             entry.bytes_received = from_peer;
         }
-        Err(e) => {
+        Some(Err(e)) => {
             send.send_reset(h2::Reason::CANCEL);
             reset_on_close(&upstream);
             entry.result = "transfer";
             entry.error = Some(e.to_string());
+        }
+        None => {
+            send.send_reset(h2::Reason::CANCEL);
+            reset_on_close(&upstream);
         }
     }
     entry.duration_ms = started.elapsed().as_millis();

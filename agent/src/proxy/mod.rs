@@ -42,6 +42,8 @@ pub enum ProxyError {
     Socket { pod: String, source: std::io::Error },
     #[error("transfer: {0}")]
     Transfer(std::io::Error),
+    #[error("denied by {}", denied_by(policy))]
+    Denied { policy: Option<String> },
     #[error("HBONE to {addr}: TLS failed: {reason}")]
     Tls {
         addr: std::net::SocketAddr,
@@ -63,6 +65,13 @@ pub enum ProxyError {
     },
 }
 
+pub fn denied_by(policy: &Option<String>) -> String {
+    match policy {
+        Some(p) => format!("policy {p}"),
+        None => "policy: ALLOW policies select the destination and none matched".into(),
+    }
+}
+
 fn status_hint(status: u16) -> &'static str {
     match status {
         400 => " (bad request: the destination agent did not accept the CONNECT)",
@@ -80,7 +89,9 @@ impl ProxyError {
             Self::NoEndpoints { .. } => "no_endpoints",
             Self::ConnectTimeout { .. } | Self::Connect { .. } | Self::Socket { .. } => "connect",
             Self::Transfer(_) => "transfer",
+            Self::Denied { .. } => "denied",
             Self::Tls { .. } => "tls",
+            Self::HboneStatus { status: 401, .. } => "denied",
             Self::HboneTimeout { .. } | Self::Hbone { .. } | Self::HboneStatus { .. } => "hbone",
         }
     }

@@ -21,6 +21,7 @@ use crate::{
     ebpf::Kernel,
     identity::{CertStore, Identity},
     inpod::PodNetns,
+    policy::{Decision, PolicyStore, Request},
     state::{Pod, Resolved, Workloads},
 };
 
@@ -36,6 +37,7 @@ pub struct Shared {
     pub trust_domain: String,
     pub certs: Arc<CertStore>,
     pub pool: Arc<Pool>,
+    pub policies: Arc<PolicyStore>,
 }
 
 impl Shared {
@@ -149,6 +151,21 @@ async fn proxy(
         if let Some(p) = &dst_pod {
             entry.dst_workload = Some(p.key().to_string());
             entry.dst_identity = Some(shared.identity_of(p).to_string());
+            // A pod on this node: this agent is also its destination agent.
+            if p.node == workloads.node {
+                let decision = shared.policies.decide(&Request {
+                    src_identity: Some(&pod.identity),
+                    src_ip: peer_ip_of(pod, addr),
+                    dst_namespace: &p.namespace,
+                    dst_labels: &p.labels,
+                    dst_ip: addr.ip(),
+                    dst_port: addr.port(),
+                });
+                note_decision(entry, &decision);
+                if let Decision::Deny { policy } = decision {
+                    return Err(ProxyError::Denied { policy });
+                }
+            }
         }
         // Pods on other nodes are reached through HBONE; pods on this node
         // and destinations outside the mesh directly.
@@ -159,6 +176,23 @@ async fn proxy(
         Some(dst) => hbone(shared, pod, client, peer, upstream_addr, &dst, entry).await,
         None => direct(shared, pod, client, upstream_addr, entry).await,
     }
+}
+
+/// The source pod's own address in the destination's family.
+fn peer_ip_of(pod: &LocalPod, dst: SocketAddr) -> IpAddr {
+    pod.pod
+        .ips
+        .iter()
+        .find(|ip| ip.is_ipv4() == dst.is_ipv4())
+        .copied()
+        .unwrap_or(pod.pod.ips[0])
+}
+
+/// Records which policy decided, for the access log.
+pub fn note_decision(entry: &mut Entry, decision: &Decision) {
+    entry.policy = match decision {
+        Decision::Allow { policy } | Decision::Deny { policy } => policy.clone(),
+    };
 }
 
 /// Plain TCP from inside the source pod: same-node pods and destinations
