@@ -42,9 +42,9 @@ fn apply(c: &Cluster, name: &str, yaml: &str) {
         .map(|k| c.agent_log(k).matches("policies loaded").count())
         .collect();
     c.write_policy(name, yaml).unwrap();
-    for k in 0..2 {
+    for (k, seen) in before.into_iter().enumerate() {
         wait_for("the policy reload", Duration::from_secs(5), || {
-            c.agent_log(k).matches("policies loaded").count() > before[k]
+            c.agent_log(k).matches("policies loaded").count() > seen
         });
     }
 }
