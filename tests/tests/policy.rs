@@ -125,14 +125,14 @@ fn denied_connections_get_401_and_a_reset_with_the_policy_named() {
 fn a_reload_closes_newly_denied_connections_and_keeps_allowed_ones() {
     let c = cluster();
     let to = remote(&c);
-    let send = |pod: &str| {
+    let send_to = |pod: &str, to: &str| {
         c.pod_command(
             pod,
             &[
                 "client",
                 "send",
                 "--to",
-                &to,
+                to,
                 "--bytes",
                 &(24u64 << 20).to_string(),
                 "--pace-ms",
@@ -144,14 +144,21 @@ fn a_reload_closes_newly_denied_connections_and_keeps_allowed_ones() {
         .spawn()
         .unwrap()
     };
+    let send = |pod: &str| send_to(pod, &to);
     let client = send("client");
     let promo = send("promo");
+    let promo_same_node = send_to("promo", &local(&c));
     std::thread::sleep(Duration::from_millis(700));
     apply(&c, "deny.yaml", DENY_PROMO);
     let promo = promo.wait_with_output().unwrap();
     assert!(
         !promo.status.success(),
         "promo's transfer survived its denial"
+    );
+    let promo_same_node = promo_same_node.wait_with_output().unwrap();
+    assert!(
+        !promo_same_node.status.success(),
+        "promo's same-node transfer survived its denial"
     );
     let client = client.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&client.stdout);

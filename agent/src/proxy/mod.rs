@@ -44,6 +44,8 @@ pub enum ProxyError {
     Transfer(std::io::Error),
     #[error("denied by {}", denied_by(policy))]
     Denied { policy: Option<String> },
+    #[error("closed: after a policy reload, denied by {}", denied_by(policy))]
+    DeniedAfterReload { policy: Option<String> },
     #[error("HBONE to {addr}: TLS failed: {reason}")]
     Tls {
         addr: std::net::SocketAddr,
@@ -89,7 +91,7 @@ impl ProxyError {
             Self::NoEndpoints { .. } => "no_endpoints",
             Self::ConnectTimeout { .. } | Self::Connect { .. } | Self::Socket { .. } => "connect",
             Self::Transfer(_) => "transfer",
-            Self::Denied { .. } => "denied",
+            Self::Denied { .. } | Self::DeniedAfterReload { .. } => "denied",
             Self::Tls { .. } => "tls",
             Self::HboneStatus { status: 401, .. } => "denied",
             Self::HboneTimeout { .. } | Self::Hbone { .. } | Self::HboneStatus { .. } => "hbone",

@@ -133,7 +133,7 @@ async fn proxy(
     }
     let _ = client.set_nodelay(true);
 
-    let (upstream_addr, dst_pod) = {
+    let (upstream_addr, dst_pod, local_dst) = {
         let workloads = shared.workloads.borrow();
         let (addr, dst_pod) = match workloads.resolve(orig_dst) {
             Resolved::Service { service, pod, addr } => {
@@ -153,14 +153,7 @@ async fn proxy(
             entry.dst_identity = Some(shared.identity_of(p).to_string());
             // A pod on this node: this agent is also its destination agent.
             if p.node == workloads.node {
-                let decision = shared.policies.decide(&Request {
-                    src_identity: Some(&pod.identity),
-                    src_ip: peer_ip_of(pod, addr),
-                    dst_namespace: &p.namespace,
-                    dst_labels: &p.labels,
-                    dst_ip: addr.ip(),
-                    dst_port: addr.port(),
-                });
+                let decision = decide_local(shared, pod, p, addr);
                 note_decision(entry, &decision);
                 if let Decision::Deny { policy } = decision {
                     return Err(ProxyError::Denied { policy });
@@ -169,13 +162,40 @@ async fn proxy(
         }
         // Pods on other nodes are reached through HBONE; pods on this node
         // and destinations outside the mesh directly.
-        (addr, dst_pod.filter(|p| p.node != workloads.node))
+        let (remote, local): (Option<Pod>, Option<Pod>) = match dst_pod {
+            Some(p) if p.node != workloads.node => (Some(p), None),
+            other => (None, other),
+        };
+        (addr, remote, local)
     };
     entry.upstream = Some(upstream_addr.to_string());
     match dst_pod {
         Some(dst) => hbone(shared, pod, client, peer, upstream_addr, &dst, entry).await,
-        None => direct(shared, pod, client, upstream_addr, entry).await,
+        None => {
+            direct(
+                shared,
+                pod,
+                client,
+                upstream_addr,
+                local_dst.as_ref(),
+                entry,
+            )
+            .await
+        }
     }
+}
+
+/// The decision for a connection to a pod on this node (this agent is its
+/// destination agent too).
+fn decide_local(shared: &Shared, src: &LocalPod, dst: &Pod, addr: SocketAddr) -> Decision {
+    shared.policies.decide(&Request {
+        src_identity: Some(&src.identity),
+        src_ip: peer_ip_of(src, addr),
+        dst_namespace: &dst.namespace,
+        dst_labels: &dst.labels,
+        dst_ip: addr.ip(),
+        dst_port: addr.port(),
+    })
 }
 
 /// The source pod's own address in the destination's family.
@@ -202,6 +222,7 @@ async fn direct(
     pod: &LocalPod,
     client: &mut TcpStream,
     upstream_addr: SocketAddr,
+    local_dst: Option<&Pod>,
     entry: &mut Entry,
 ) -> Result<(), ProxyError> {
     let socket = pod
@@ -229,16 +250,42 @@ async fn direct(
         };
     // In-kernel splice: measured to halve the agent's CPU per GiB against a
     // userspace copy (docs/architecture.md). Half-close is carried both ways.
-    match super::splice::bidirectional(client, &upstream).await {
-        Ok((sent, received)) => {
+    // A policy reload may deny a same-node connection while it is open.
+    let mut generation = shared.policies.subscribe();
+    let copied = {
+        let copy = super::splice::bidirectional(client, &upstream);
+        tokio::pin!(copy);
+        loop {
+            tokio::select! {
+                r = &mut copy => break Ok(r),
+                changed = generation.changed(), if local_dst.is_some() => {
+                    if changed.is_err() {
+                        continue;
+                    }
+                    if let Some(dst) = local_dst
+                        && let Decision::Deny { policy } = decide_local(shared, pod, dst, upstream_addr)
+                    {
+                        entry.policy = policy.clone();
+                        break Err(policy);
+                    }
+                }
+            }
+        }
+    };
+    match copied {
+        Ok(Ok((sent, received))) => {
             entry.bytes_sent = sent;
             entry.bytes_received = received;
             Ok(())
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             // Pass a reset on to the upstream side too.
             reset_on_close(&upstream);
             Err(ProxyError::Transfer(e))
+        }
+        Err(policy) => {
+            reset_on_close(&upstream);
+            Err(ProxyError::DeniedAfterReload { policy })
         }
     }
 }
