@@ -690,6 +690,19 @@ impl Cluster {
             .collect()
     }
 
+    /// Node k's access-log entries for which `f` holds, waiting up to 3 s
+    /// for the first (entries are written when connections end).
+    pub fn log_entries(&self, k: usize, f: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let found: Vec<Value> = self.access_log(k).into_iter().filter(|e| f(e)).collect();
+            if !found.is_empty() || Instant::now() > deadline {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// `nodemesh-agent maps` for node k: entry counts of the pinned maps.
     pub fn map_sizes(&self, k: usize) -> Result<Value> {
         let out = Command::new(&self.agent_bin)

@@ -36,19 +36,6 @@ fn standard() -> Cluster {
     c
 }
 
-/// The access-log entries of node k's agent for which `f` holds, waiting
-/// briefly for the log writer.
-fn log_entries(c: &Cluster, k: usize, f: impl Fn(&Value) -> bool) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let found: Vec<Value> = c.access_log(k).into_iter().filter(|e| f(e)).collect();
-        if !found.is_empty() || Instant::now() > deadline {
-            return found;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn probe(c: &Cluster, pod: &str, to: &str) -> Value {
     c.probe(pod, to)
 }
@@ -62,7 +49,7 @@ fn cross_node_service_and_external_land_with_original_destination() {
     let remote = format!("{}:8080", c.pod("server-remote").ip4);
     let r = probe(&c, "client", &remote);
     assert_eq!(r["result"], "ok", "{r}");
-    let e = log_entries(&c, 0, |e| e["orig_dst"] == remote.as_str());
+    let e = c.log_entries(0, |e| e["orig_dst"] == remote.as_str());
     assert_eq!(e.len(), 1, "{e:?}");
     assert_eq!(e[0]["src_workload"], "shop/client");
     assert_eq!(e[0]["dst_workload"], "shop/server-remote");
@@ -70,7 +57,7 @@ fn cross_node_service_and_external_land_with_original_destination() {
     assert_eq!(e[0]["result"], "ok");
     // The destination's agent saw the client's identity from its
     // certificate, and its address from the forwarded header.
-    let e = log_entries(&c, 1, |e| e["orig_dst"] == remote.as_str());
+    let e = c.log_entries(1, |e| e["orig_dst"] == remote.as_str());
     assert_eq!(e.len(), 1, "{e:?}");
     assert_eq!(e[0]["reporter"], "destination");
     assert_eq!(
@@ -97,13 +84,13 @@ fn cross_node_service_and_external_land_with_original_destination() {
             .starts_with(&format!("{client_ip}:")),
         "{r}"
     );
-    let e = log_entries(&c, 0, |e| e["orig_dst"] == local.as_str());
+    let e = c.log_entries(0, |e| e["orig_dst"] == local.as_str());
     assert_eq!(e[0]["security"], "none");
 
     let vip = format!("{}:80", c.service("web").vip4);
     let r = probe(&c, "client", &vip);
     assert_eq!(r["result"], "ok", "{r}");
-    let e = log_entries(&c, 0, |e| e["orig_dst"] == vip.as_str());
+    let e = c.log_entries(0, |e| e["orig_dst"] == vip.as_str());
     assert_eq!(e.len(), 1, "{e:?}");
     assert_eq!(e[0]["src_workload"], "shop/client");
     assert_eq!(e[0]["service"], "web.shop");
@@ -112,7 +99,7 @@ fn cross_node_service_and_external_land_with_original_destination() {
     let external = format!("{EXTERNAL_V4}:8080");
     let r = probe(&c, "client", &external);
     assert_eq!(r["result"], "ok", "{r}");
-    let e = log_entries(&c, 0, |e| e["orig_dst"] == external.as_str());
+    let e = c.log_entries(0, |e| e["orig_dst"] == external.as_str());
     assert_eq!(e.len(), 1, "{e:?}");
     assert_eq!(e[0]["src_workload"], "shop/client");
     assert!(e[0]["dst_workload"].is_null());
@@ -151,7 +138,7 @@ fn one_gib_intact_and_half_close_both_ways() {
         server_out.contains("\"after_shutdown\":\"after-eof\""),
         "{server_out}"
     );
-    let e = log_entries(&c, 0, |e| e["bytes_sent"].as_u64() > Some(1 << 30));
+    let e = c.log_entries(0, |e| e["bytes_sent"].as_u64() > Some(1 << 30));
     assert_eq!(e.len(), 1, "the 1 GiB connection is in the access log");
 }
 
@@ -260,7 +247,7 @@ fn killed_agent_fails_closed_and_restart_reuses_pinned_state() {
     // The entry is written when the agent sees the close; a SIGKILL before
     // that would lose it, so wait for it.
     assert_eq!(
-        log_entries(&c, 0, |e| e["orig_dst"] == remote.as_str()).len(),
+        c.log_entries(0, |e| e["orig_dst"] == remote.as_str()).len(),
         1
     );
 
@@ -294,11 +281,11 @@ fn ipv6_end_to_end_and_v4_mapped() {
     let remote6 = format!("[{}]:8080", c.pod("server-remote").ip6);
     let r = probe(&c, "client", &remote6);
     assert_eq!(r["result"], "ok", "{r}");
-    let e = log_entries(&c, 0, |e| e["orig_dst"] == remote6.as_str());
+    let e = c.log_entries(0, |e| e["orig_dst"] == remote6.as_str());
     assert_eq!(e.len(), 1, "{e:?}");
     assert_eq!(e[0]["src_workload"], "shop/client");
     assert_eq!(e[0]["security"], "mutual_tls");
-    let e = log_entries(&c, 1, |e| e["orig_dst"] == remote6.as_str());
+    let e = c.log_entries(1, |e| e["orig_dst"] == remote6.as_str());
     assert_eq!(e.len(), 1, "{e:?}");
     assert!(
         e[0]["src_addr"]
@@ -320,7 +307,7 @@ fn ipv6_end_to_end_and_v4_mapped() {
     let vip6 = format!("[{}]:80", c.service("web").vip6);
     let r = probe(&c, "client", &vip6);
     assert_eq!(r["result"], "ok", "{r}");
-    let e = log_entries(&c, 0, |e| e["orig_dst"] == vip6.as_str());
+    let e = c.log_entries(0, |e| e["orig_dst"] == vip6.as_str());
     assert_eq!(e.len(), 1, "{e:?}");
     assert_eq!(e[0]["upstream"], remote6.as_str());
 
@@ -329,7 +316,7 @@ fn ipv6_end_to_end_and_v4_mapped() {
     let r = probe(&c, "client", &mapped);
     assert_eq!(r["result"], "ok", "{r}");
     let remote4 = format!("{}:8080", c.pod("server-remote").ip4);
-    let e = log_entries(&c, 0, |e| e["orig_dst"] == remote4.as_str());
+    let e = c.log_entries(0, |e| e["orig_dst"] == remote4.as_str());
     assert_eq!(e.len(), 1, "{e:?}");
 }
 
@@ -354,7 +341,7 @@ fn pods_enrol_and_unenrol_live() {
         c.agent_log(0).matches(" enrolled pod=shop/client").count() >= 2
     });
     assert_eq!(probe(&c, "client", &remote)["result"], "ok");
-    assert_eq!(log_entries(&c, 0, |_| true).len(), 1, "{}", c.agent_log(0));
+    assert_eq!(c.log_entries(0, |_| true).len(), 1, "{}", c.agent_log(0));
 
     // A changed pod (new labels) is re-enrolled without a moment of bypass.
     let path = &c.agents[0].workloads;

@@ -1,9 +1,6 @@
 //! Authorization policy enforced by the destination's agent, on the virtual
 //! cluster. Root; fails, never skips, when the cluster cannot be built.
-use std::{
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::{process::Stdio, time::Duration};
 
 use nodemesh_lab::{Cluster, ClusterSpec, PodSpec, cluster::wait_for};
 use serde_json::Value;
@@ -69,17 +66,6 @@ spec:
   - from: [{source: {principals: [\"*/sa/promo\"]}}]
 ";
 
-fn entries(c: &Cluster, k: usize, f: impl Fn(&Value) -> bool) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let found: Vec<Value> = c.access_log(k).into_iter().filter(|e| f(e)).collect();
-        if !found.is_empty() || Instant::now() > deadline {
-            return found;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn denied_connections_get_401_and_a_reset_with_the_policy_named() {
     let c = cluster();
@@ -88,7 +74,7 @@ fn denied_connections_get_401_and_a_reset_with_the_policy_named() {
     let r = c.probe("promo", &remote(&c));
     assert!(r["result"] == "reset" || r["result"] == "eof", "{r}");
     // The destination decided: no ALLOW matched.
-    let d = entries(&c, 1, |e| e["result"] == "denied");
+    let d = c.log_entries(1, |e| e["result"] == "denied");
     assert_eq!(d.len(), 1, "{d:?}");
     assert_eq!(
         d[0]["src_identity"],
@@ -99,10 +85,10 @@ fn denied_connections_get_401_and_a_reset_with_the_policy_named() {
         "{d:?}"
     );
     // The source saw the 401.
-    let s = entries(&c, 0, |e| e["result"] == "denied");
+    let s = c.log_entries(0, |e| e["result"] == "denied");
     assert!(s[0]["error"].as_str().unwrap().contains("401"), "{s:?}");
     // Allowed ones name the policy that allowed them.
-    let a = entries(&c, 1, |e| e["result"] == "ok");
+    let a = c.log_entries(1, |e| e["result"] == "ok");
     assert_eq!(a[0]["policy"], "shop/only-client");
 
     // A DENY for everything from promo, same node: this agent is the
@@ -111,7 +97,7 @@ fn denied_connections_get_401_and_a_reset_with_the_policy_named() {
     assert_eq!(c.probe("client", &local(&c))["result"], "ok");
     let r = c.probe("promo", &local(&c));
     assert!(r["result"] == "reset" || r["result"] == "eof", "{r}");
-    let d = entries(&c, 0, |e| e["policy"] == "shop/no-promo");
+    let d = c.log_entries(0, |e| e["policy"] == "shop/no-promo");
     assert!(
         d[0]["error"]
             .as_str()
@@ -164,7 +150,7 @@ fn a_reload_closes_newly_denied_connections_and_keeps_allowed_ones() {
     let text = String::from_utf8_lossy(&client.stdout);
     let r: Value = serde_json::from_str(text.lines().last().unwrap_or("{}")).unwrap();
     assert_eq!(r["ok"], true, "the allowed transfer was disturbed: {r}");
-    let d = entries(&c, 1, |e| e["result"] == "denied");
+    let d = c.log_entries(1, |e| e["result"] == "denied");
     assert!(
         d[0]["error"]
             .as_str()
