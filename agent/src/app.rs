@@ -8,7 +8,9 @@ use std::{
 };
 
 use anyhow::Context as _;
-use nodemesh_common::{ENROLLED_FLAG_SOCKMAP, EnrolledPod, OUTBOUND_PORT, user::netns_cookie};
+use nodemesh_common::{
+    ENROLLED_FLAG_SOCKMAP, EnrolledPod, INBOUND_CAPTURE_PORT, OUTBOUND_PORT, user::netns_cookie,
+};
 use tokio::{signal::unix::SignalKind, task::JoinSet};
 use tracing::{error, info, warn};
 
@@ -22,7 +24,7 @@ use crate::{
     inpod::{self, PodNetns},
     policy::PolicyStore,
     proxy::{
-        self,
+        self, capture,
         inbound::{self, HBONE_PORT},
         outbound::{self, LocalPod, Shared},
         pool::Pool,
@@ -87,6 +89,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         certs: certs.clone(),
         pool,
         policies: policies.clone(),
+        local_pods: Default::default(),
     });
     let _policy_watch = match &config.policy_dir {
         Some(dir) => {
@@ -253,6 +256,12 @@ impl Enrolment {
                 }
             }
         }
+        let local: HashMap<PodKey, Arc<LocalPod>> = self
+            .pods
+            .iter()
+            .map(|(k, st)| (k.clone(), st.local.clone()))
+            .collect();
+        self.shared.local_pods.store(Arc::new(local));
     }
 
     fn enrol(&mut self, pod: &Pod) -> anyhow::Result<EnrolledState> {
@@ -280,6 +289,16 @@ impl Enrolment {
         let hbone_v6 = netns
             .listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, HBONE_PORT)))
             .ok();
+        // Plaintext inbound, steered here by the sk_lookup program.
+        let capture = netns
+            .listen_any(INBOUND_CAPTURE_PORT)
+            .with_context(|| format!("inbound capture listener port {INBOUND_CAPTURE_PORT}"))?;
+        for ip in &pod.ips {
+            self.shared
+                .kernel
+                .add_capture_listener(*ip, &capture)
+                .with_context(|| format!("capture map entry for {ip}"))?;
+        }
         let cookie = netns_cookie(v4.as_fd()).context("SO_NETNS_COOKIE (Linux 5.14+)")?;
         let identity = self.shared.identity_of(pod);
         // Issued now, so the first handshake does not wait for it.
@@ -301,6 +320,12 @@ impl Enrolment {
             let (shared, local) = (self.shared.clone(), local.clone());
             listeners.spawn(proxy::accept_loop(shared, local, l, inbound::serve));
         }
+        listeners.spawn(proxy::accept_loop(
+            self.shared.clone(),
+            local.clone(),
+            capture,
+            capture::serve,
+        ));
         let flags = if self.shared.sockmap {
             ENROLLED_FLAG_SOCKMAP
         } else {
@@ -309,6 +334,10 @@ impl Enrolment {
         self.shared
             .kernel
             .enrol(cookie, EnrolledPod { workload_id, flags })?;
+        self.shared
+            .kernel
+            .attach_capture(&local.netns, cookie)
+            .context("attaching inbound capture (sk_lookup) to the pod's netns")?;
         Ok(EnrolledState { local, listeners })
     }
 

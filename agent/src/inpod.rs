@@ -32,6 +32,12 @@ pub struct PodNetns {
     path: PathBuf,
 }
 
+impl std::os::fd::AsFd for PodNetns {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
 impl PodNetns {
     pub fn open(path: &Path) -> io::Result<Self> {
         let file = File::open(path)
@@ -44,6 +50,28 @@ impl PodNetns {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// A listener on `port` for both families: dual-stack `[::]`, or
+    /// `0.0.0.0` where the pod has IPv6 off.
+    pub fn listen_any(&self, port: u16) -> io::Result<tokio::net::TcpListener> {
+        let socket = self.run(|| {
+            let bind = |addr: SocketAddr| -> io::Result<Socket> {
+                let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+                s.set_reuse_address(true)?;
+                s.set_reuse_port(true)?;
+                if addr.is_ipv6() {
+                    s.set_only_v6(false)?;
+                }
+                s.bind(&addr.into())?;
+                s.listen(4096)?;
+                Ok(s)
+            };
+            bind(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)))
+                .or_else(|_| bind(SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port))))
+        })?;
+        socket.set_nonblocking(true)?;
+        tokio::net::TcpListener::from_std(socket.into())
     }
 
     /// Runs `f` with this thread in the pod's netns. `f` must not block or

@@ -10,6 +10,11 @@ pub mod user;
 
 /// Port of the agent's outbound listener inside every enrolled pod's netns.
 pub const OUTBOUND_PORT: u16 = 15001;
+/// Port of the agent's listener for captured plaintext inbound connections
+/// inside every enrolled pod's netns (Istio's inbound port).
+pub const INBOUND_CAPTURE_PORT: u16 = 15006;
+/// HBONE (mTLS) inbound port inside every enrolled pod's netns; never captured.
+pub const HBONE_PORT: u16 = 15008;
 
 /// Names of the maps, as pinned under the agent's bpffs directory.
 pub const MAP_ENROLLED: &str = "NM_ENROLLED";
@@ -18,6 +23,7 @@ pub const MAP_ORIG_DST: &str = "NM_ORIG_DST";
 pub const MAP_CONFIG: &str = "NM_CONFIG";
 pub const MAP_SOCKHASH: &str = "NM_SOCKHASH";
 pub const MAP_COUNTERS: &str = "NM_COUNTERS";
+pub const MAP_CAPTURE: &str = "NM_CAPTURE";
 
 /// Capacities. `ORIG_DST_CAPACITY` bounds concurrent redirected connections
 /// per node; an insert that does not fit fails the `connect()` (fail closed).
@@ -25,6 +31,8 @@ pub const ENROLLED_CAPACITY: u32 = 4096;
 pub const PENDING_CAPACITY: u32 = 65536;
 pub const ORIG_DST_CAPACITY: u32 = 65536;
 pub const SOCKHASH_CAPACITY: u32 = 131072;
+/// Capture listeners, one per enrolled pod IP.
+pub const CAPTURE_CAPACITY: u32 = 8192;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -105,7 +113,12 @@ pub mod counter {
     pub const ORIG_DST_FULL: u32 = 4;
     pub const SOCKMAP_ADDED: u32 = 5;
     pub const MSG_REDIRECTED: u32 = 6;
-    pub const COUNT: u32 = 8;
+    /// Plaintext inbound connections steered to the agent's capture listener.
+    pub const INBOUND_CAPTURED: u32 = 7;
+    /// Plaintext inbound connections refused: the pod is enrolled but no
+    /// agent listener is in the map (the agent is down or restarting).
+    pub const INBOUND_NO_LISTENER: u32 = 8;
+    pub const COUNT: u32 = 16;
 }
 
 /// The v4-mapped form of a network-order IPv4 address.

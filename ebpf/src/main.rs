@@ -9,6 +9,10 @@
 //!   removed, so maps shrink back to idle size.
 //! - `nm_sk_msg` (sk_msg): optional fast path; data the agent writes to an
 //!   app socket goes straight to its receive queue.
+//! - `nm_sk_lookup` (sk_lookup, attached to each enrolled pod's netns): a
+//!   plaintext TCP connection arriving at the pod from outside is handed to
+//!   the agent's capture listener in that pod, so PeerAuthentication and
+//!   authorization apply to it; with no listener (agent down) it is refused.
 #![no_std]
 #![no_main]
 
@@ -19,23 +23,26 @@ use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE, sk_action::SK_PASS,
+        BPF_TCP_CLOSE,
+        sk_action::{SK_DROP, SK_PASS},
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sk_msg, sock_ops},
+    macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
-    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use nodemesh_common::{
-    AF_INET, AF_INET6, ENROLLED_CAPACITY, ENROLLED_FLAG_SOCKMAP, EnrolledPod, FlowKey, Ip6Words,
-    ORIG_DST_CAPACITY, OUTBOUND_PORT, OrigDst, PENDING_CAPACITY, ProgramConfig, SOCKHASH_CAPACITY,
-    SockKey, counter, is_v4_mapped, v4_mapped,
+    AF_INET, AF_INET6, CAPTURE_CAPACITY, ENROLLED_CAPACITY, ENROLLED_FLAG_SOCKMAP, EnrolledPod,
+    FlowKey, HBONE_PORT, Ip6Words, ORIG_DST_CAPACITY, OUTBOUND_PORT, OrigDst, PENDING_CAPACITY,
+    ProgramConfig, SOCKHASH_CAPACITY, SockKey, counter, is_v4_mapped, v4_mapped,
 };
 
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 const LOOPBACK_V4_BE: u32 = u32::to_be(0x7f00_0001);
+/// The loopback device is ifindex 1 in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
 
 #[map(name = "NM_ENROLLED")]
 static ENROLLED: HashMap<u64, EnrolledPod> = HashMap::pinned(ENROLLED_CAPACITY, 0);
@@ -54,6 +61,10 @@ static CONFIG: Array<ProgramConfig> = Array::pinned(1, 0);
 
 #[map(name = "NM_SOCKHASH")]
 static SOCKHASH: SockHash<SockKey> = SockHash::pinned(SOCKHASH_CAPACITY, 0);
+
+/// Pod IP (v4-mapped for IPv4) -> the agent's capture listener in that pod.
+#[map(name = "NM_CAPTURE")]
+static CAPTURE: SockHash<Ip6Words> = SockHash::pinned(CAPTURE_CAPACITY, 0);
 
 #[map(name = "NM_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
@@ -352,6 +363,54 @@ pub fn nm_sk_msg(ctx: SkMsgContext) -> u32 {
     }
     // Without a peer in the map the kernel passes the data normally.
     SK_PASS
+}
+
+/// Runs in an enrolled pod's netns for every listener lookup. Steers TCP
+/// connections that arrive from outside the pod to the agent's capture
+/// listener; the accepted socket keeps the original local address, so the
+/// agent reads the destination port from it.
+///
+/// Not captured: connections from inside the pod — over loopback, or from
+/// the pod's own address to itself, which is how the agent reaches the app
+/// (a SYN from outside that forges the pod's address cannot complete: the
+/// SYN-ACK stays in the pod) — and the HBONE port, whose listener is the
+/// agent's already. The ingress ifindex alone does not tell: traffic to the
+/// pod's own address is reported on the device that holds the address.
+#[sk_lookup]
+pub fn nm_sk_lookup(ctx: SkLookupContext) -> u32 {
+    let l = ctx.lookup;
+    // SAFETY: reads of the valid context, unconditional (see local_remote).
+    let (protocol, family, ifindex, port, l4, r4, l6, r6) = unsafe {
+        (
+            read_volatile(&raw const (*l).protocol),
+            read_volatile(&raw const (*l).family),
+            read_volatile(&raw const (*l).ingress_ifindex),
+            read_volatile(&raw const (*l).local_port),
+            read_volatile(&raw const (*l).local_ip4),
+            read_volatile(&raw const (*l).remote_ip4),
+            read_ip6(&raw const (*l).local_ip6),
+            read_ip6(&raw const (*l).remote_ip6),
+        )
+    };
+    if protocol != IPPROTO_TCP || ifindex == LOOPBACK_IFINDEX || port == u32::from(HBONE_PORT) {
+        return SK_PASS;
+    }
+    let (key, remote) = select_family(family, l4, r4, l6, r6);
+    if key == remote {
+        return SK_PASS;
+    }
+    match CAPTURE.redirect_sk_lookup(&ctx, key, 0) {
+        Ok(()) => {
+            bump(counter::INBOUND_CAPTURED);
+            SK_PASS
+        }
+        // The program is only attached while the pod is enrolled: without
+        // the agent's listener, refuse rather than let plaintext past policy.
+        Err(_) => {
+            bump(counter::INBOUND_NO_LISTENER);
+            SK_DROP
+        }
+    }
 }
 
 // Only for the bpf target: host-side `cargo clippy` links std's.

@@ -16,6 +16,10 @@ fn spec() -> ClusterSpec {
             PodSpec::new("direct", 0).unenrolled(),
             PodSpec::new("server-local", 0),
             PodSpec::new("server-remote", 1),
+            // The baseline's servers: outside the mesh, so nothing captures
+            // the direct client's connections to them.
+            PodSpec::new("direct-server-local", 0).unenrolled(),
+            PodSpec::new("direct-server-remote", 1).unenrolled(),
         ],
         services: vec![],
         agent: Default::default(),
@@ -172,9 +176,23 @@ pub fn run(secs: f64, out: &Path) -> Result<()> {
     let mut c = Cluster::start(spec())?;
     c.spawn_in_pod("server-local", &["serve", "--port", "8080"])?;
     c.spawn_in_pod("server-remote", &["serve", "--port", "8080"])?;
+    c.spawn_in_pod("direct-server-local", &["serve", "--port", "8080"])?;
+    c.spawn_in_pod("direct-server-remote", &["serve", "--port", "8080"])?;
+    let at = |pod: &str| format!("{}:8080", c.pod(pod).ip4);
+    // (placement, meshed server, baseline server, the meshed server's node)
     let targets = [
-        ("same_node", format!("{}:8080", c.pod("server-local").ip4)),
-        ("cross_node", format!("{}:8080", c.pod("server-remote").ip4)),
+        (
+            "same_node",
+            at("server-local"),
+            at("direct-server-local"),
+            0,
+        ),
+        (
+            "cross_node",
+            at("server-remote"),
+            at("direct-server-remote"),
+            1,
+        ),
     ];
     let mut results = serde_json::Map::new();
     let idle_rss: Vec<u64> = (0..2)
@@ -189,11 +207,15 @@ pub fn run(secs: f64, out: &Path) -> Result<()> {
             std::thread::sleep(Duration::from_millis(200));
         }
         let runner = Runner { c: &c, secs };
-        for (placement, to) in &targets {
+        for (placement, to, direct_to, server_node) in &targets {
             eprintln!("bench: {placement} sockmap={sockmap} ...");
             if !sockmap {
-                let direct = runner.suite("direct", to, None, None)?;
+                let direct = runner.suite("direct", direct_to, None, None)?;
                 results.insert(format!("{placement}/direct"), direct);
+                // A client outside the mesh to a meshed server: the server's
+                // agent captures it (sk_lookup) and proxies it in the pod.
+                let captured = runner.suite("direct", to, c.agent_pid(*server_node), None)?;
+                results.insert(format!("{placement}/captured"), captured);
             }
             let pid = c.agent_pid(0);
             let dst_pid = if *placement == "cross_node" {
@@ -248,8 +270,16 @@ fn print_table(s: &Value) {
         ),
     ];
     println!(
-        "\n{:<11} {:<30} {:>10} {:>10} {:>7} {:>10} {:>7}",
-        "placement", "metric", "direct", "meshed", "ratio", "+sockmap", "ratio"
+        "\n{:<11} {:<30} {:>10} {:>10} {:>7} {:>10} {:>7} {:>10} {:>7}",
+        "placement",
+        "metric",
+        "direct",
+        "meshed",
+        "ratio",
+        "+sockmap",
+        "ratio",
+        "captured",
+        "ratio"
     );
     for placement in ["same_node", "cross_node"] {
         for (label, test, field) in metrics {
@@ -257,6 +287,7 @@ fn print_table(s: &Value) {
             let d = get("direct");
             let m = get("meshed");
             let sm = get("meshed_sockmap");
+            let cap = get("captured");
             if m.is_none() {
                 continue;
             }
@@ -266,14 +297,16 @@ fn print_table(s: &Value) {
             };
             let fmt = |x: Option<f64>| x.map(|v| format!("{v:.2}")).unwrap_or("-".into());
             println!(
-                "{:<11} {:<30} {:>10} {:>10} {:>7} {:>10} {:>7}",
+                "{:<11} {:<30} {:>10} {:>10} {:>7} {:>10} {:>7} {:>10} {:>7}",
                 placement,
                 label,
                 fmt(d),
                 fmt(m),
                 ratio(m),
                 fmt(sm),
-                ratio(sm)
+                ratio(sm),
+                fmt(cap),
+                ratio(cap)
             );
         }
     }
@@ -282,7 +315,7 @@ fn print_table(s: &Value) {
         s["agent_rss_idle_kib"], s["agent_rss_peak_kib"]
     );
     println!(
-        "cross_node meshed = HBONE (mutual TLS, HTTP/2 CONNECT); same_node meshed = plain TCP through the agent"
+        "cross_node meshed = HBONE (mutual TLS, HTTP/2 CONNECT); same_node meshed = plain TCP through the agent;\ncaptured = a client outside the mesh to a meshed server (plaintext, PERMISSIVE), through the server's agent;\nCPU columns of captured rows are the server's agent"
     );
     let p = &s["policy"];
     println!(

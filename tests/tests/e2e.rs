@@ -166,13 +166,30 @@ fn unenrolled_namespaces_and_agent_sockets_are_never_redirected() {
         "one connection, one proxied connection: {all:?}"
     );
 
-    // An enrolled cgroup but a netns that is not enrolled: untouched.
+    // An enrolled cgroup but a netns that is not enrolled: not redirected at
+    // the source. The meshed destination's agent captures it as plaintext
+    // (PERMISSIVE by default) and connects from inside the server's pod, so
+    // the server sees its own address; the client's is in the access log.
     let r = probe(&c, "outsider", &remote);
     assert_eq!(r["result"], "ok", "{r}");
     let outsider_ip = c.pod("outsider").ip4.to_string();
-    assert!(r["server_saw"].as_str().unwrap().starts_with(&outsider_ip));
+    let server_ip = c.pod("server-remote").ip4.to_string();
+    assert!(
+        r["server_saw"].as_str().unwrap().starts_with(&server_ip),
+        "{r}"
+    );
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(c.access_log(0).len(), 1, "the outsider was redirected");
+    let captured = c.log_entries(1, |e| e["security"] == "none");
+    assert_eq!(captured.len(), 1, "{captured:?}");
+    assert!(
+        captured[0]["src_addr"]
+            .as_str()
+            .unwrap()
+            .starts_with(&outsider_ip)
+    );
+    assert!(captured[0]["src_identity"].is_null());
+    assert_eq!(captured[0]["reporter"], "destination");
 
     // An app talking to the agent's port directly is refused: the kernel
     // did not redirect it, so there is no original destination.

@@ -13,6 +13,7 @@ fn cluster() -> Cluster {
             PodSpec::new("promo", 0),
             PodSpec::new("server-local", 0),
             PodSpec::new("server-remote", 1),
+            PodSpec::new("outsider", 0).unenrolled(),
         ],
         services: vec![],
         agent: Default::default(),
@@ -171,4 +172,218 @@ fn a_reload_closes_newly_denied_connections_and_keeps_allowed_ones() {
     );
     assert_eq!(c.probe("client", &to)["result"], "ok");
     assert_ne!(c.probe("promo", &to)["result"], "ok");
+}
+
+fn ok(c: &Cluster, pod: &str, to: &str) -> bool {
+    let r = c.probe(pod, to);
+    match r["result"].as_str() {
+        Some("ok") => true,
+        Some("reset" | "eof" | "refused") => false,
+        _ => panic!("{pod} -> {to}: neither allowed nor refused: {r}"),
+    }
+}
+
+const STRICT_SHOP: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: shop}
+spec:
+  mtls: {mode: STRICT}
+";
+
+const REMOTE_8080_PERMISSIVE: &str = "apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: remote-legacy-port, namespace: shop}
+spec:
+  selector: {matchLabels: {app: server-remote}}
+  mtls: {mode: UNSET}
+  portLevelMtls:
+    \"8080\": {mode: PERMISSIVE}
+";
+
+#[test]
+fn peer_authentication_strict_refuses_plaintext_and_permissive_admits_it() {
+    let mut c = cluster();
+    // PERMISSIVE by default: a client outside the mesh reaches meshed pods,
+    // through their agent, with no identity.
+    assert!(ok(&c, "outsider", &remote(&c)));
+    assert!(ok(&c, "outsider", &local(&c)));
+    let e = c.log_entries(1, |e| e["security"] == "none" && e["result"] == "ok");
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0]["src_identity"].is_null(), "{e:?}");
+
+    // STRICT for the namespace: plaintext refused on both nodes, the policy
+    // named; meshed clients unaffected (same node too: the agent connects
+    // from inside the destination pod, which nothing captures).
+    let long = c
+        .pod_command(
+            "outsider",
+            &[
+                "client",
+                "send",
+                "--to",
+                &remote(&c),
+                "--bytes",
+                &(24u64 << 20).to_string(),
+                "--pace-ms",
+                "8",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    apply(&c, "strict.yaml", STRICT_SHOP);
+    assert!(
+        !long.wait_with_output().unwrap().status.success(),
+        "an open plaintext transfer survived STRICT"
+    );
+    assert!(!ok(&c, "outsider", &remote(&c)));
+    assert!(!ok(&c, "outsider", &local(&c)));
+    let d = c.log_entries(1, |e| {
+        e["policy"] == "shop/strict" && e["result"] == "denied"
+    });
+    assert!(d.len() >= 2, "{d:?}");
+    assert!(
+        d.iter().any(|e| e["error"]
+            .as_str()
+            .unwrap()
+            .contains("after a policy reload")),
+        "{d:?}"
+    );
+    let last = d.last().unwrap()["error"].as_str().unwrap();
+    assert!(
+        last.contains("STRICT") && last.contains("port 8080"),
+        "{last}"
+    );
+    assert!(ok(&c, "client", &remote(&c)));
+    assert!(ok(&c, "client", &local(&c)));
+
+    // Port level beats the namespace: server-remote's 8080 takes plaintext
+    // again; server-local (not selected) stays STRICT.
+    apply(&c, "remote.yaml", REMOTE_8080_PERMISSIVE);
+    assert!(ok(&c, "outsider", &remote(&c)));
+    assert!(!ok(&c, "outsider", &local(&c)));
+
+    // With the agent down the pinned sk_lookup link stays and there is no
+    // listener: plaintext is refused, never let past policy.
+    c.kill_agent(1).unwrap();
+    assert!(!ok(&c, "outsider", &remote(&c)));
+    c.start_agent(1).unwrap();
+    wait_for(
+        "the restarted agent to capture again",
+        Duration::from_secs(10),
+        || c.probe("outsider", &remote(&c))["result"] == "ok",
+    );
+    let maps = c.map_sizes(1).unwrap();
+    // server-remote's IPv4 and IPv6 address.
+    assert_eq!(maps["NM_CAPTURE"], 2, "{maps}");
+}
+
+/// A subset of the allow/deny matrix, end to end: each policy set replaces
+/// the previous one, then meshed (client, promo) and plaintext (outsider)
+/// sources probe both servers.
+#[test]
+fn matrix_subset_end_to_end() {
+    let c = cluster();
+    let outsider = c.pod("outsider").ip4;
+    let doc = |ns: &str, name: &str, body: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{body}"
+        )
+    };
+    let remote_only = "  selector: {matchLabels: {app: server-remote}}\n";
+    let cases: Vec<(&str, String, [bool; 3], [bool; 3])> = vec![
+        (
+            "ALLOW namespaces: plaintext has none",
+            doc(
+                "shop",
+                "ns",
+                &format!(
+                    "{remote_only}  rules: [{{from: [{{source: {{namespaces: [shop]}}}}]}}]\n"
+                ),
+            ),
+            [true, true, false],
+            [true, true, true],
+        ),
+        (
+            "ALLOW notNamespaces lets no identity through",
+            doc(
+                "shop",
+                "notns",
+                &format!(
+                    "{remote_only}  rules: [{{from: [{{source: {{notNamespaces: [other]}}}}]}}]\n"
+                ),
+            ),
+            [true, true, true],
+            [true, true, true],
+        ),
+        (
+            "DENY ipBlocks + ports",
+            doc(
+                "shop",
+                "ip",
+                &format!(
+                    "  action: DENY\n  rules: [{{from: [{{source: {{ipBlocks: [\"{outsider}/32\"]}}}}], to: [{{operation: {{ports: [\"8080\"]}}}}]}}]\n"
+                ),
+            ),
+            [true, true, false],
+            [true, true, false],
+        ),
+        (
+            "ALLOW notPorts excludes the only port",
+            doc(
+                "shop",
+                "notports",
+                &format!(
+                    "{remote_only}  rules: [{{to: [{{operation: {{notPorts: [\"8080\"]}}}}]}}]\n"
+                ),
+            ),
+            [false, false, false],
+            [true, true, true],
+        ),
+        (
+            "root namespace DENY applies mesh-wide",
+            doc(
+                "istio-system",
+                "no-promo",
+                "  action: DENY\n  rules: [{when: [{key: source.principal, values: [\"*/sa/promo\"]}]}]\n",
+            ),
+            [true, false, true],
+            [true, false, true],
+        ),
+        (
+            "when destination.port and source.namespace",
+            doc(
+                "shop",
+                "when",
+                &format!(
+                    "{remote_only}  rules: [{{when: [{{key: destination.port, values: [\"8080\"]}}, {{key: source.namespace, values: [shop]}}]}}]\n"
+                ),
+            ),
+            [true, true, false],
+            [true, true, true],
+        ),
+        (
+            "AUDIT never decides",
+            doc("shop", "audit", "  action: AUDIT\n  rules: [{}]\n"),
+            [true, true, true],
+            [true, true, true],
+        ),
+    ];
+    for (name, yaml, at_remote, at_local) in cases {
+        apply(&c, "matrix.yaml", &yaml);
+        for (i, src) in ["client", "promo", "outsider"].into_iter().enumerate() {
+            assert_eq!(
+                ok(&c, src, &remote(&c)),
+                at_remote[i],
+                "{name}: {src} -> server-remote"
+            );
+            assert_eq!(
+                ok(&c, src, &local(&c)),
+                at_local[i],
+                "{name}: {src} -> server-local"
+            );
+        }
+    }
 }

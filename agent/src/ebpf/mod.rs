@@ -4,10 +4,13 @@
 //! Layout under the configured bpffs directory (one per agent):
 //! `maps/NM_*` (pinned by name, reused across restarts) and
 //! `links/<program>` (bpf_links to the cgroup: pinned, so the programs keep
-//! redirecting — and a dead agent fails closed — until `uninstall`).
+//! redirecting — and a dead agent fails closed — until `uninstall`) and
+//! `links/capture-<netns cookie>` (the sk_lookup program's link to each
+//! enrolled pod's netns, pinned for the same reason; removed on unenrol).
 use std::{
     fs::File,
-    os::fd::AsRawFd,
+    net::IpAddr,
+    os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -16,13 +19,14 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps,
+        CgroupAttachMode, CgroupSockAddr, SkLookup, SkMsg, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
 use nodemesh_common::{
-    EnrolledPod, FlowKey, MAP_CONFIG, MAP_COUNTERS, MAP_ENROLLED, MAP_ORIG_DST, MAP_PENDING,
-    MAP_SOCKHASH, OrigDst, ProgramConfig, SockKey, counter,
+    EnrolledPod, FlowKey, Ip6Words, MAP_CAPTURE, MAP_CONFIG, MAP_COUNTERS, MAP_ENROLLED,
+    MAP_ORIG_DST, MAP_PENDING, MAP_SOCKHASH, OrigDst, ProgramConfig, SockKey, counter,
+    user::ip_to_words,
 };
 use tracing::{debug, info, warn};
 
@@ -34,6 +38,9 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/no
 /// Cgroup programs, by function name in the eBPF crate.
 const CGROUP_PROGRAMS: [&str; 3] = ["nm_connect4", "nm_connect6", "nm_sock_ops"];
 const SK_MSG_PROGRAM: &str = "nm_sk_msg";
+const SK_LOOKUP_PROGRAM: &str = "nm_sk_lookup";
+/// Prefix of the per-pod sk_lookup link pins under `links/`.
+const CAPTURE_LINK_PREFIX: &str = "capture-";
 
 /// `BPF_FS_MAGIC` from linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -124,10 +131,12 @@ pub struct Kernel {
     enrolled: Mutex<HashMap<MapData, u64, EnrolledPod>>,
     orig_dst: HashMap<MapData, FlowKey, OrigDst>,
     sockhash: Mutex<SockHash<MapData, SockKey>>,
+    capture: Mutex<SockHash<MapData, Ip6Words>>,
     counters: PerCpuArray<MapData, u64>,
     logger: Mutex<Option<EbpfLogger>>,
-    // Keeps the program fds alive.
-    _ebpf: Ebpf,
+    links_dir: PathBuf,
+    // Owns the programs (the sk_lookup one is attached per pod, later).
+    ebpf: Mutex<Ebpf>,
 }
 
 pub type EbpfLogger = aya_log::EbpfLogger<ProgramLog>;
@@ -285,6 +294,20 @@ impl Kernel {
             }
         }
 
+        {
+            let name = SK_LOOKUP_PROGRAM;
+            let p: &mut SkLookup = ebpf
+                .program_mut(name)
+                .ok_or(KernelError::Link {
+                    name,
+                    detail: "program missing from the object".into(),
+                })?
+                .try_into()
+                .map_err(|source| KernelError::Program { name, source })?;
+            p.load()
+                .map_err(|source| KernelError::Program { name, source })?;
+        }
+        let capture = take_map(&mut ebpf, MAP_CAPTURE)?;
         let enrolled = take_map(&mut ebpf, MAP_ENROLLED)?;
         let orig_dst = take_map(&mut ebpf, MAP_ORIG_DST)?;
         let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
@@ -298,9 +321,11 @@ impl Kernel {
             enrolled: Mutex::new(enrolled),
             orig_dst,
             sockhash: Mutex::new(sockhash),
+            capture: Mutex::new(capture),
             counters,
             logger: Mutex::new(logger),
-            _ebpf: ebpf,
+            links_dir,
+            ebpf: Mutex::new(ebpf),
         })
     }
 
@@ -318,15 +343,88 @@ impl Kernel {
             })
     }
 
+    /// Removes the pod's map entry and detaches its inbound capture.
     pub fn unenrol(&self, netns_cookie: u64) {
         if let Err(e) = lock(&self.enrolled).remove(&netns_cookie) {
             debug!("unenrol {netns_cookie}: {e}");
         }
+        self.detach_capture(netns_cookie);
     }
 
-    /// Enrolled netns cookies, e.g. left by a previous agent.
+    /// Enrolled netns cookies, e.g. left by a previous agent: map entries
+    /// and capture link pins.
     pub fn enrolled_cookies(&self) -> Vec<u64> {
-        lock(&self.enrolled).keys().filter_map(Result::ok).collect()
+        let mut cookies: Vec<u64> = lock(&self.enrolled).keys().filter_map(Result::ok).collect();
+        if let Ok(entries) = std::fs::read_dir(&self.links_dir) {
+            cookies.extend(entries.filter_map(|e| {
+                e.ok()?
+                    .file_name()
+                    .to_str()?
+                    .strip_prefix(CAPTURE_LINK_PREFIX)?
+                    .parse::<u64>()
+                    .ok()
+            }));
+        }
+        cookies.sort_unstable();
+        cookies.dedup();
+        cookies
+    }
+
+    /// Makes `listener` (a listening socket inside the pod) the target of
+    /// plaintext connections to `ip`.
+    pub fn add_capture_listener(
+        &self,
+        ip: IpAddr,
+        listener: &impl AsRawFd,
+    ) -> Result<(), KernelError> {
+        lock(&self.capture)
+            .insert(ip_to_words(ip), listener.as_raw_fd(), 0)
+            .map_err(|source| KernelError::Map {
+                name: MAP_CAPTURE,
+                source,
+            })
+    }
+
+    /// Attaches the sk_lookup program to the pod's netns and pins the link;
+    /// a link a previous agent pinned for the same netns is replaced after.
+    /// Call once the pod's capture listeners are in the map: from here on,
+    /// plaintext connections to the pod without a listener are refused.
+    pub fn attach_capture(&self, netns: impl AsFd, netns_cookie: u64) -> Result<(), KernelError> {
+        let name = SK_LOOKUP_PROGRAM;
+        let link: FdLink = {
+            let mut ebpf = lock(&self.ebpf);
+            let p: &mut SkLookup = ebpf
+                .program_mut(name)
+                .ok_or(KernelError::Link {
+                    name,
+                    detail: "program missing from the object".into(),
+                })?
+                .try_into()
+                .map_err(|source| KernelError::Program { name, source })?;
+            let id = p
+                .attach(netns)
+                .map_err(|source| KernelError::Program { name, source })?;
+            p.take_link(id)
+                .map_err(|source| KernelError::Program { name, source })?
+                .into()
+        };
+        replace_pinned_link(&self.capture_pin(netns_cookie), link, name)
+    }
+
+    fn capture_pin(&self, netns_cookie: u64) -> PathBuf {
+        self.links_dir
+            .join(format!("{CAPTURE_LINK_PREFIX}{netns_cookie}"))
+    }
+
+    fn detach_capture(&self, netns_cookie: u64) {
+        let pin = self.capture_pin(netns_cookie);
+        if !pin.exists() {
+            return;
+        }
+        // Removing the last reference (the pin) detaches the link.
+        if let Err(e) = std::fs::remove_file(&pin) {
+            warn!(link = %pin.display(), "removing the capture link: {e}");
+        }
     }
 
     pub fn orig_dst(&self, key: &FlowKey) -> Option<OrigDst> {
@@ -413,11 +511,13 @@ pub fn pinned_map_sizes(bpffs_dir: &Path) -> Result<Vec<(&'static str, usize)>, 
     let pending: HashMap<_, u64, OrigDst> = typed_map(MAP_PENDING, L(open(MAP_PENDING)?))?;
     let orig: HashMap<_, FlowKey, OrigDst> = typed_map(MAP_ORIG_DST, H(open(MAP_ORIG_DST)?))?;
     let sockhash: SockHash<_, SockKey> = typed_map(MAP_SOCKHASH, S(open(MAP_SOCKHASH)?))?;
+    let capture: SockHash<_, Ip6Words> = typed_map(MAP_CAPTURE, S(open(MAP_CAPTURE)?))?;
     Ok(vec![
         (MAP_ENROLLED, enrolled.keys().count()),
         (MAP_PENDING, pending.keys().count()),
         (MAP_ORIG_DST, orig.keys().count()),
         (MAP_SOCKHASH, sockhash.keys().count()),
+        (MAP_CAPTURE, capture.keys().count()),
     ])
 }
 

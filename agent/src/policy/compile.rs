@@ -579,6 +579,15 @@ pub fn compile(file: &Path, docs: &[Document], out: &mut Compiled) -> Result<(),
                     Err(e) => ctx.error(&m.mode, at(&format!("spec.portLevelMtls.{port}")), e),
                 }
             }
+            if selector.is_none()
+                && let Some((_, first)) = doc.spec.port_level_mtls.iter().flatten().next()
+            {
+                ctx.error(
+                    &first.mode,
+                    at("spec.portLevelMtls"),
+                    "needs spec.selector: port-level modes apply to selected workloads only",
+                );
+            }
             out.peer_authentication.push(PeerAuthentication {
                 name: ctx.policy.clone(),
                 namespace,

@@ -7,6 +7,7 @@
 mod compile;
 mod engine;
 mod model;
+mod peer_auth;
 mod store;
 
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ pub use compile::{
     Action, AuthorizationPolicy, MtlsMode, PeerAuthentication, PolicyError, PolicyWarning,
 };
 pub use engine::{Decision, PolicySet, Request};
+pub use peer_auth::{MtlsRequirement, PeerAuthSet};
 pub use store::PolicyStore;
 
 use crate::yaml;
@@ -25,7 +27,7 @@ pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 #[derive(Debug)]
 pub struct Loaded {
     pub authorization: PolicySet,
-    pub peer_authentication: Vec<PeerAuthentication>,
+    pub peer_authentication: PeerAuthSet,
     pub warnings: Vec<PolicyWarning>,
     pub files: Vec<PathBuf>,
 }
@@ -81,7 +83,7 @@ pub fn load_dir(dir: &Path, root_namespace: &str) -> Result<Loaded, LoadError> {
     }
     Ok(Loaded {
         authorization: PolicySet::new(compiled.authorization, root_namespace),
-        peer_authentication: compiled.peer_authentication,
+        peer_authentication: PeerAuthSet::new(compiled.peer_authentication, root_namespace),
         warnings: compiled.warnings,
         files,
     })

@@ -6,10 +6,17 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use super::{Decision, PolicySet, Request, load_dir};
+use super::{Decision, MtlsRequirement, PeerAuthSet, PolicySet, Request, load_dir};
+
+/// One loaded set: both kinds change together.
+#[derive(Debug, Default)]
+struct InForce {
+    authorization: PolicySet,
+    peer_authentication: PeerAuthSet,
+}
 
 pub struct PolicyStore {
-    current: ArcSwap<PolicySet>,
+    current: ArcSwap<InForce>,
     generation: watch::Sender<u64>,
     root_namespace: String,
 }
@@ -19,14 +26,27 @@ impl PolicyStore {
     pub fn new(root_namespace: &str) -> Self {
         let (generation, _) = watch::channel(0);
         Self {
-            current: ArcSwap::from_pointee(PolicySet::default()),
+            current: ArcSwap::from_pointee(InForce::default()),
             generation,
             root_namespace: root_namespace.to_owned(),
         }
     }
 
     pub fn decide(&self, r: &Request<'_>) -> Decision {
-        self.current.load().decide(r)
+        self.current.load().authorization.decide(r)
+    }
+
+    /// PeerAuthentication's mode for a port of a workload.
+    pub fn mtls_requirement(
+        &self,
+        namespace: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+        port: u16,
+    ) -> MtlsRequirement {
+        self.current
+            .load()
+            .peer_authentication
+            .requirement(namespace, labels, port)
     }
 
     pub fn generation(&self) -> u64 {
@@ -47,11 +67,16 @@ impl PolicyStore {
                     warn!("policy {w}");
                 }
                 let n = loaded.authorization.len();
-                self.current.store(Arc::new(loaded.authorization));
+                let peer = loaded.peer_authentication.len();
+                self.current.store(Arc::new(InForce {
+                    authorization: loaded.authorization,
+                    peer_authentication: loaded.peer_authentication,
+                }));
                 self.generation.send_modify(|g| *g += 1);
                 info!(
                     generation = self.generation(),
                     policies = n,
+                    peer_authentication = peer,
                     files = loaded.files.len(),
                     "policies loaded"
                 );

@@ -341,9 +341,145 @@ fn peer_authentication_is_parsed() {
     let l = policies(
         "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: shop}\nspec:\n  selector: {matchLabels: {app: orders}}\n  mtls: {mode: STRICT}\n  portLevelMtls:\n    \"9090\": {mode: PERMISSIVE}\n",
     );
-    let pa = &l.peer_authentication[0];
-    assert_eq!(pa.mode, MtlsMode::Strict);
-    assert_eq!(pa.port_modes.get(&9090), Some(&MtlsMode::Permissive));
+    let orders: BTreeMap<String, String> = [("app".to_string(), "orders".to_string())].into();
+    let req = l.peer_authentication.requirement("shop", &orders, 8080);
+    assert_eq!(req.mode, MtlsMode::Strict);
+    assert_eq!(req.policy.as_deref(), Some("shop/strict"));
+    let req = l.peer_authentication.requirement("shop", &orders, 9090);
+    assert_eq!(req.mode, MtlsMode::Permissive);
+}
+
+/// PeerAuthentication precedence: port level, then workload selector, then
+/// namespace, then mesh-wide (root namespace); UNSET defers; default
+/// PERMISSIVE.
+#[test]
+fn peer_authentication_matrix() {
+    let pa = |ns: &str, name: &str, selector: &str, mode: &str, ports: &str| {
+        format!(
+            "---\napiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{selector}  mtls: {{mode: {mode}}}\n{ports}"
+        )
+    };
+    let sel = "  selector: {matchLabels: {app: orders}}\n";
+    let mesh_strict = pa("istio-system", "mesh", "", "STRICT", "");
+    let ns_permissive = pa("shop", "ns", "", "PERMISSIVE", "");
+    let ns_unset = pa("shop", "ns", "", "UNSET", "");
+    let wl_disable = pa("shop", "wl", sel, "DISABLE", "");
+    let wl_unset_port_strict = pa(
+        "shop",
+        "wl",
+        sel,
+        "UNSET",
+        "  portLevelMtls:\n    \"9090\": {mode: STRICT}\n",
+    );
+    let other_ns_strict = pa("other", "ns", "", "STRICT", "");
+    let orders: BTreeMap<String, String> = [("app".to_string(), "orders".to_string())].into();
+    let cart: BTreeMap<String, String> = [("app".to_string(), "cart".to_string())].into();
+    use MtlsMode::*;
+    type Labels = BTreeMap<String, String>;
+    type Case<'a> = (
+        &'a str,
+        Vec<&'a String>,
+        &'a Labels,
+        u16,
+        MtlsMode,
+        Option<&'a str>,
+    );
+    let cases: Vec<Case<'_>> = vec![
+        (
+            "nothing: permissive",
+            vec![],
+            &orders,
+            8080,
+            Permissive,
+            None,
+        ),
+        (
+            "mesh-wide strict",
+            vec![&mesh_strict],
+            &orders,
+            8080,
+            Strict,
+            Some("istio-system/mesh"),
+        ),
+        (
+            "namespace over mesh",
+            vec![&mesh_strict, &ns_permissive],
+            &orders,
+            8080,
+            Permissive,
+            Some("shop/ns"),
+        ),
+        (
+            "namespace UNSET defers to mesh",
+            vec![&mesh_strict, &ns_unset],
+            &orders,
+            8080,
+            Strict,
+            Some("istio-system/mesh"),
+        ),
+        (
+            "workload over namespace",
+            vec![&mesh_strict, &wl_disable],
+            &orders,
+            8080,
+            Disable,
+            Some("shop/wl"),
+        ),
+        (
+            "selector mismatch",
+            vec![&mesh_strict, &wl_disable],
+            &cart,
+            8080,
+            Strict,
+            Some("istio-system/mesh"),
+        ),
+        (
+            "port level",
+            vec![&ns_permissive, &wl_unset_port_strict],
+            &orders,
+            9090,
+            Strict,
+            Some("shop/wl"),
+        ),
+        (
+            "other port: workload UNSET defers to namespace",
+            vec![&ns_permissive, &wl_unset_port_strict],
+            &orders,
+            8080,
+            Permissive,
+            Some("shop/ns"),
+        ),
+        (
+            "another namespace's policy",
+            vec![&other_ns_strict],
+            &orders,
+            8080,
+            Permissive,
+            None,
+        ),
+    ];
+    for (name, docs, labels, port, mode, policy) in cases {
+        let yaml: String = docs.iter().map(|d| d.as_str()).collect();
+        let l = if yaml.is_empty() {
+            load(&[]).unwrap()
+        } else {
+            policies(&yaml)
+        };
+        let req = l.peer_authentication.requirement("shop", labels, port);
+        assert_eq!((req.mode, req.policy.as_deref()), (mode, policy), "{name}");
+        assert_eq!(req.admits_plaintext(), mode != Strict, "{name}");
+    }
+}
+
+#[test]
+fn port_level_mtls_needs_a_selector() {
+    let e = errors(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p, namespace: shop}\nspec:\n  portLevelMtls:\n    \"9090\": {mode: STRICT}\n",
+    );
+    assert!(
+        e.contains("spec.portLevelMtls") && e.contains("selector"),
+        "{e}"
+    );
 }
 
 #[test]

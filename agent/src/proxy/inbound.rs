@@ -24,7 +24,7 @@ use crate::{
     tls::svid_identity,
 };
 
-pub const HBONE_PORT: u16 = 15008;
+pub use nodemesh_common::HBONE_PORT;
 
 /// How long a peer may take for the TLS handshake and the HTTP/2 preface.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,4 +1,5 @@
 //! The data path.
+pub mod capture;
 mod h2io;
 pub mod inbound;
 pub mod outbound;
@@ -24,6 +25,20 @@ pub enum ProxyError {
         "redirect record names workload id {recorded} but the connection arrived in pod {pod}; refused"
     )]
     WrongPod { recorded: u32, pod: String },
+    #[error(
+        "captured plaintext connection to {addr}: not one of the pod's addresses, or an agent port; refused"
+    )]
+    NotCapturable { addr: std::net::SocketAddr },
+    #[error(
+        "{}plaintext refused: PeerAuthentication {} requires mutual TLS (STRICT) on port {port}; the client must be in the mesh",
+        if *after_reload { "closed: after a policy reload, " } else { "" },
+        policy.as_deref().unwrap_or("(none)")
+    )]
+    PlaintextRefused {
+        policy: Option<String>,
+        port: u16,
+        after_reload: bool,
+    },
     #[error("service {service} has no endpoints")]
     NoEndpoints { service: String },
     #[error(
@@ -87,11 +102,13 @@ impl ProxyError {
     /// The stage name used in the access log.
     pub fn stage(&self) -> &'static str {
         match self {
-            Self::NotRedirected | Self::WrongPod { .. } => "redirect",
+            Self::NotRedirected | Self::WrongPod { .. } | Self::NotCapturable { .. } => "redirect",
             Self::NoEndpoints { .. } => "no_endpoints",
             Self::ConnectTimeout { .. } | Self::Connect { .. } | Self::Socket { .. } => "connect",
             Self::Transfer(_) => "transfer",
-            Self::Denied { .. } | Self::DeniedAfterReload { .. } => "denied",
+            Self::Denied { .. }
+            | Self::DeniedAfterReload { .. }
+            | Self::PlaintextRefused { .. } => "denied",
             Self::Tls { .. } => "tls",
             Self::HboneStatus { status: 401, .. } => "denied",
             Self::HboneTimeout { .. } | Self::Hbone { .. } | Self::HboneStatus { .. } => "hbone",

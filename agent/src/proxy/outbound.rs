@@ -22,7 +22,7 @@ use crate::{
     identity::{CertStore, Identity},
     inpod::PodNetns,
     policy::{Decision, PolicyStore, Request},
-    state::{Pod, Resolved, Workloads},
+    state::{Pod, PodKey, Resolved, Workloads},
 };
 
 /// What every connection needs, shared by all pods.
@@ -38,6 +38,8 @@ pub struct Shared {
     pub certs: Arc<CertStore>,
     pub pool: Arc<Pool>,
     pub policies: Arc<PolicyStore>,
+    /// This node's enrolled pods, republished by enrolment.
+    pub local_pods: arc_swap::ArcSwap<std::collections::HashMap<PodKey, Arc<LocalPod>>>,
 }
 
 impl Shared {
@@ -225,11 +227,16 @@ async fn direct(
     local_dst: Option<&Pod>,
     entry: &mut Entry,
 ) -> Result<(), ProxyError> {
-    let socket = pod
+    // To an enrolled pod on this node: from inside that pod, over its
+    // loopback, so its inbound capture does not take the connection for a
+    // plaintext client (identity and policy were settled above).
+    let dst_local = local_dst.and_then(|d| shared.local_pods.load().get(&d.key()).cloned());
+    let from = dst_local.as_deref().unwrap_or(pod);
+    let socket = from
         .netns
         .socket(upstream_addr, shared.socket_mark)
         .map_err(|source| ProxyError::Socket {
-            pod: pod.pod.key().to_string(),
+            pod: from.pod.key().to_string(),
             source,
         })?;
     let upstream =
