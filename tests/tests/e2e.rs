@@ -72,20 +72,23 @@ fn cross_node_service_and_external_land_with_original_destination() {
         "{e:?}"
     );
 
-    // Same node: no HBONE, plain TCP from inside the client's netns, so the
-    // server sees the client's own address.
+    // Same node: no HBONE; plain TCP from inside the server's netns (so its
+    // inbound capture leaves it alone), so the server sees its own address,
+    // as across nodes; the client is in the access log.
     let local = format!("{}:8080", c.pod("server-local").ip4);
     let r = probe(&c, "client", &local);
     assert_eq!(r["result"], "ok", "{r}");
+    let local_ip = c.pod("server-local").ip4.to_string();
     assert!(
         r["server_saw"]
             .as_str()
             .unwrap()
-            .starts_with(&format!("{client_ip}:")),
+            .starts_with(&format!("{local_ip}:")),
         "{r}"
     );
     let e = c.log_entries(0, |e| e["orig_dst"] == local.as_str());
     assert_eq!(e[0]["security"], "none");
+    assert_eq!(e[0]["src_workload"], "shop/client");
 
     let vip = format!("{}:80", c.service("web").vip4);
     let r = probe(&c, "client", &vip);
@@ -313,11 +316,12 @@ fn ipv6_end_to_end_and_v4_mapped() {
     );
     let local6 = format!("[{}]:8080", c.pod("server-local").ip6);
     let r = probe(&c, "client", &local6);
+    let server6 = c.pod("server-local").ip6.to_string();
     assert!(
         r["server_saw"]
             .as_str()
             .unwrap()
-            .starts_with(&format!("[{client6}]:")),
+            .starts_with(&format!("[{server6}]:")),
         "{r}"
     );
 
