@@ -29,6 +29,11 @@ impl PolicyStore {
         self.current.load().decide(r)
     }
 
+    /// `namespace/name` of every authorization policy in force.
+    pub fn names(&self) -> Vec<String> {
+        self.current.load().names()
+    }
+
     pub fn generation(&self) -> u64 {
         *self.generation.borrow()
     }
