@@ -18,6 +18,7 @@ use crate::{config::Config, metrics::Metrics, proxy::outbound::Shared, readiness
 
 const OPENMETRICS: &str = "application/openmetrics-text;charset=utf-8;version=1.0.0";
 const TEXT: &str = "text/plain; charset=utf-8";
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Builds the `/config_dump` document on each request.
 pub type ConfigDump = Box<dyn Fn() -> serde_json::Value + Send + Sync>;
@@ -84,8 +85,8 @@ impl Admin {
         }
     }
 
-    /// OpenMetrics text either way (as ztunnel); the content type says so
-    /// only to clients that asked for it.
+    /// OpenMetrics for clients that ask for it (Prometheus does), the
+    /// classic text format otherwise (what `promtool check metrics` reads).
     fn metrics(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
         let openmetrics = request
             .headers()
@@ -94,11 +95,8 @@ impl Admin {
             .filter_map(|v| v.to_str().ok())
             .any(|v| v.contains("application/openmetrics-text"));
         match self.metrics.encode() {
-            Ok(body) => reply(
-                StatusCode::OK,
-                if openmetrics { OPENMETRICS } else { TEXT },
-                body,
-            ),
+            Ok(body) if openmetrics => reply(StatusCode::OK, OPENMETRICS, body),
+            Ok(body) => reply(StatusCode::OK, PROMETHEUS_TEXT, prometheus_text(&body)),
             Err(e) => reply(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 TEXT,
@@ -106,6 +104,40 @@ impl Admin {
             ),
         }
     }
+}
+
+/// The classic text format (0.0.4) of an OpenMetrics exposition: a counter
+/// family is named by its `_total` samples there, and `# UNIT` / `# EOF`
+/// do not exist.
+pub fn prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let descriptor = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match descriptor {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let suffix = if counters.contains(name) {
+                    "_total"
+                } else {
+                    ""
+                };
+                out.push_str(&format!("{prefix}{name}{suffix} {tail}"));
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
@@ -200,5 +232,19 @@ async fn serve(admin: Arc<Admin>, listener: TcpListener) {
                 debug!("admin connection: {e}");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classic_text_names_counter_families_by_their_samples() {
+        let om = "# HELP a_bytes Bytes.\n# TYPE a_bytes counter\n# UNIT a_bytes bytes\na_bytes_total{x=\"y\"} 3\n# HELP g A gauge.\n# TYPE g gauge\ng 1\n# EOF\n";
+        assert_eq!(
+            prometheus_text(om),
+            "# HELP a_bytes_total Bytes.\n# TYPE a_bytes_total counter\na_bytes_total{x=\"y\"} 3\n# HELP g A gauge.\n# TYPE g gauge\ng 1\n"
+        );
     }
 }

@@ -15,7 +15,6 @@ use prometheus_client::{
         counter::{ConstCounter, Counter},
         family::Family,
         gauge::{ConstGauge, Gauge},
-        info::Info,
     },
     registry::{Registry, Unit},
 };
@@ -337,6 +336,11 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    version: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
@@ -476,11 +480,15 @@ impl Metrics {
         );
 
         let own = registry.sub_registry_with_prefix("nodemesh");
-        own.register(
-            "build",
-            "The agent's version",
-            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
-        );
+        // A gauge of 1, not an OpenMetrics info: the classic text format
+        // (and promtool) has no info type.
+        let build_info = Family::<VersionLabels, Gauge>::default();
+        build_info
+            .get_or_create(&VersionLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        own.register("build_info", "The agent's version", build_info);
         let enrolled_pods = Gauge::default();
         own.register(
             "enrolled_pods",
