@@ -108,6 +108,7 @@ fn metrics_health_and_access_logs() {
     own_metrics_and_config_dump(&c, &p);
     denials(&c, &p);
     tls_failures(&c, &p);
+    dashboard_queries_what_the_agents_emit(&c, &p);
     drop(p);
     readiness_follows_enrolment(&mut c);
 }
@@ -463,6 +464,46 @@ fn tls_failures(c: &Cluster, p: &Prometheus) {
         "sum(istio_tcp_connections_failed_total{reporter=\"destination\",destination_workload=\"server-remote\",response_flags=\"TLS_FAILURE\",source_principal=\"unknown\"})",
         |v| v == 2.0,
     );
+}
+
+/// Every query of the Grafana dashboard is valid PromQL and names only
+/// metrics the agents emit.
+fn dashboard_queries_what_the_agents_emit(c: &Cluster, p: &Prometheus) {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana/nodemesh-agent-dashboard.json"
+    );
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap())
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+    let emitted: std::collections::BTreeSet<String> = (0..2)
+        .flat_map(|k| {
+            let body = c.admin_get(k, "/metrics", None).unwrap().body;
+            body.lines()
+                .filter(|l| !l.starts_with('#'))
+                .filter_map(|l| l.split(['{', ' ']).next().map(str::to_owned))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let exprs: Vec<&str> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|panel| panel["targets"].as_array().unwrap())
+        .map(|t| t["expr"].as_str().unwrap())
+        .collect();
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    for expr in exprs {
+        let names: Vec<&str> = expr
+            .split(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+            .filter(|w| w.starts_with("nodemesh_") || w.starts_with("istio_"))
+            .collect();
+        assert!(!names.is_empty(), "{expr} names no metric");
+        for name in names {
+            assert!(emitted.contains(name), "{expr}: the agents emit no {name}");
+        }
+        p.query(&expr.replace("$__rate_interval", "1m"))
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    }
 }
 
 /// Not ready while a local workload cannot be enrolled (its netns is not

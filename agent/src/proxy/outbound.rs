@@ -196,19 +196,7 @@ async fn proxy(
     }
     entry.upstream = Some(upstream_addr.to_string());
     match dst_pod {
-        Some(dst) => {
-            hbone(
-                shared,
-                pod,
-                client,
-                peer,
-                upstream_addr,
-                &dst,
-                entry,
-                &bytes,
-            )
-            .await
-        }
+        Some(dst) => hbone(shared, pod, client, upstream_addr, &dst, entry, &bytes).await,
         None => {
             direct(
                 shared,
@@ -377,13 +365,13 @@ async fn hbone(
     shared: &Shared,
     pod: &LocalPod,
     client: &mut TcpStream,
-    peer: SocketAddr,
     target: SocketAddr,
     dst: &Pod,
     entry: &mut Entry,
     bytes: &ByteCounters,
 ) -> Result<(), ProxyError> {
     entry.security = "mutual_tls";
+    let peer = client.peer_addr().map_err(ProxyError::Transfer)?;
     let expected = shared.identity_of(dst);
     let hbone_addr = SocketAddr::new(target.ip(), HBONE_PORT);
     let (mut sender, _stream) = shared.pool.sender(pod, hbone_addr, &expected).await?;
