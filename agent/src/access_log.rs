@@ -1,8 +1,11 @@
-//! One JSON line per connection, written off the data path.
+//! One line per connection (JSON or `key=value` text), written off the
+//! data path.
 use std::{io::Write as _, path::Path};
 
 use serde::Serialize;
 use tokio::sync::mpsc;
+
+use crate::{config::AccessLogFormat, metrics::ResponseFlags};
 
 #[derive(Debug, Serialize)]
 pub struct Entry {
@@ -35,6 +38,8 @@ pub struct Entry {
     /// `ok`, or where it failed: `redirect`, `no_endpoints`, `connect`,
     /// `tls`, `hbone`, `bad_request`, `denied`, `transfer`.
     pub result: &'static str,
+    /// Istio's response flags: `-`, or `DENY`, `CONNECT`, `TLS_FAILURE`.
+    pub response_flags: ResponseFlags,
     pub error: Option<String>,
 }
 
@@ -60,8 +65,45 @@ impl Entry {
             bytes_received: 0,
             policy: None,
             result: "ok",
+            response_flags: ResponseFlags::None,
             error: None,
         }
+    }
+}
+
+impl Entry {
+    /// `key=value` pairs in the JSON field order; values with spaces or
+    /// quotes are quoted, missing ones are `-`.
+    pub fn to_text(&self) -> String {
+        fn value(v: Option<&str>) -> String {
+            match v {
+                None | Some("") => "-".into(),
+                Some(v) if v.contains([' ', '"', '=']) => format!("{v:?}"),
+                Some(v) => v.into(),
+            }
+        }
+        let fields: [(&str, String); 18] = [
+            ("reporter", self.reporter.into()),
+            ("start_ms", self.start_ms.to_string()),
+            ("duration_ms", self.duration_ms.to_string()),
+            ("src_workload", value(self.src_workload.as_deref())),
+            ("src_addr", value(Some(&self.src_addr))),
+            ("src_identity", value(self.src_identity.as_deref())),
+            ("orig_dst", value(Some(&self.orig_dst))),
+            ("service", value(self.service.as_deref())),
+            ("dst_workload", value(self.dst_workload.as_deref())),
+            ("dst_identity", value(self.dst_identity.as_deref())),
+            ("upstream", value(self.upstream.as_deref())),
+            ("security", self.security.into()),
+            ("bytes_sent", self.bytes_sent.to_string()),
+            ("bytes_received", self.bytes_received.to_string()),
+            ("policy", value(self.policy.as_deref())),
+            ("result", self.result.into()),
+            ("response_flags", self.response_flags.as_str().into()),
+            ("error", value(self.error.as_deref())),
+        ];
+        let pairs: Vec<String> = fields.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        pairs.join(" ")
     }
 }
 
@@ -81,7 +123,7 @@ impl AccessLog {
         Self { tx: None }
     }
 
-    pub fn open(path: &Path) -> std::io::Result<Self> {
+    pub fn open(path: &Path, format: AccessLogFormat) -> std::io::Result<Self> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -93,7 +135,12 @@ impl AccessLog {
                 let mut out = std::io::BufWriter::new(file);
                 let handle = |m: Message, out: &mut std::io::BufWriter<std::fs::File>| match m {
                     Message::Entry(e) => {
-                        let _ = serde_json::to_writer(&mut *out, &e);
+                        let _ = match format {
+                            AccessLogFormat::Json => {
+                                serde_json::to_writer(&mut *out, &e).map_err(std::io::Error::from)
+                            }
+                            AccessLogFormat::Text => out.write_all(e.to_text().as_bytes()),
+                        };
                         let _ = out.write_all(b"\n");
                     }
                     Message::Flush(done) => {
@@ -127,5 +174,33 @@ impl AccessLog {
                 let _ = done_rx.recv_timeout(limit);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_lines_quote_what_needs_it() {
+        let mut e = Entry::new("destination", ([10, 0, 0, 1], 4000).into());
+        e.result = "denied";
+        e.response_flags = ResponseFlags::Deny;
+        e.policy = Some("shop/no-promo".into());
+        e.error = Some("denied by policy shop/no-promo".into());
+        let line = e.to_text();
+        assert!(line.starts_with("reporter=destination start_ms="), "{line}");
+        assert!(
+            line.contains(" src_addr=10.0.0.1:4000 src_identity=- "),
+            "{line}"
+        );
+        assert!(
+            line.ends_with(
+                " policy=shop/no-promo result=denied response_flags=DENY error=\"denied by policy shop/no-promo\""
+            ),
+            "{line}"
+        );
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["response_flags"], "DENY");
     }
 }

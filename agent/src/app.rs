@@ -16,12 +16,14 @@ use tracing::{error, info, warn};
 
 use crate::{
     access_log::AccessLog,
+    admin,
     config::Config,
     drain::Drain,
     ebpf::{Kernel, Settings},
     fswatch,
     identity::{CertStore, FileCa, store::read_bundle},
     inpod::{self, PodNetns},
+    metrics::Metrics,
     policy::PolicyStore,
     proxy::{
         self, capture,
@@ -29,6 +31,7 @@ use crate::{
         outbound::{self, LocalPod, Shared},
         pool::Pool,
     },
+    readiness::{Pending, Readiness},
     state::{FileWorkloadSource, Pod, PodKey, WorkloadSource as _, Workloads},
     tls::TrustBundle,
 };
@@ -39,6 +42,13 @@ const RETRY: Duration = Duration::from_secs(2);
 pub async fn run(config: Config) -> anyhow::Result<()> {
     inpod::remember_agent_netns().context("reading the agent's own netns")?;
     raise_fd_limit();
+    // First, so readiness is observable while the rest starts.
+    let metrics = Metrics::new();
+    let readiness = Readiness::default();
+    let attached = readiness.pending("programs attached");
+    let policy_loaded = readiness.pending("policy set loaded");
+    let certificates = readiness.pending("local workload certificates issued");
+    let admin = admin::start(config.admin_address, metrics.clone(), readiness).await?;
     let source = FileWorkloadSource::start(&config.workloads_file)?;
     let mut workloads = source.subscribe();
     // Everything that can be wrong in files is checked before the kernel is
@@ -54,11 +64,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Policy: an invalid set at start-up stops the agent (there is no last
     // good set to keep, and starting with none would allow what it denies).
     let policies = Arc::new(PolicyStore::new(&config.root_namespace));
-    if let Some(dir) = &config.policy_dir
-        && !policies.reload(dir)
-    {
-        anyhow::bail!("the policy set in {} is invalid (see above)", dir.display());
+    if let Some(dir) = &config.policy_dir {
+        let applied = policies.reload(dir);
+        metrics.policy_reload(applied, policies.generation());
+        if !applied {
+            anyhow::bail!("the policy set in {} is invalid (see above)", dir.display());
+        }
     }
+    policy_loaded.done();
 
     let kernel = Arc::new(Kernel::install(&Settings {
         bpffs_dir: &config.bpffs_dir,
@@ -67,11 +80,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         sockmap: config.sockmap,
         ebpf_log: config.ebpf_log,
     })?);
+    attached.done();
     if let Some(logger) = kernel.take_logger() {
         tokio::spawn(drain_ebpf_log(logger));
     }
     let access_log = match &config.access_log {
-        Some(path) => AccessLog::open(path)
+        Some(path) => AccessLog::open(path, config.access_log_format)
             .with_context(|| format!("opening the access log {}", path.display()))?,
         None => AccessLog::disabled(),
     };
@@ -90,16 +104,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         pool,
         policies: policies.clone(),
         local_pods: Default::default(),
+        metrics: metrics.clone(),
     });
+    metrics.scrape_from(kernel.clone(), certs.clone(), shared.pool.clone());
+    admin.set_config_dump(admin::config_dump(config.clone(), shared.clone()));
     let _policy_watch = match &config.policy_dir {
         Some(dir) => {
-            let (store, d) = (policies.clone(), dir.clone());
+            let (store, d, metrics) = (policies.clone(), dir.clone(), metrics.clone());
             let yaml = |n: &std::ffi::OsStr| {
                 n.to_str()
                     .is_some_and(|n| n.ends_with(".yaml") || n.ends_with(".yml"))
             };
             Some(fswatch::watch(dir, yaml, move || {
-                store.reload(&d);
+                let applied = store.reload(&d);
+                metrics.policy_reload(applied, store.generation());
             })?)
         }
         None => None,
@@ -107,7 +125,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _bundle_watch = watch_trust_bundle(certs.clone(), &bundle_path)?;
     tokio::spawn(renew_certificates(certs.clone()));
 
-    let mut enrolment = Enrolment::new(shared.clone());
+    let mut enrolment = Enrolment::new(shared.clone(), certificates);
     let snapshot = workloads.borrow_and_update().clone();
     enrolment.reconcile(&snapshot);
     // Entries a previous agent left for pods that are gone.
@@ -174,6 +192,8 @@ struct EnrolledState {
 
 struct Enrolment {
     shared: Arc<Shared>,
+    /// Done once every local pod is enrolled (with its certificate).
+    certificates: Option<Pending>,
     pods: HashMap<PodKey, EnrolledState>,
     ids: HashMap<PodKey, u32>,
     next_id: u32,
@@ -181,9 +201,10 @@ struct Enrolment {
 }
 
 impl Enrolment {
-    fn new(shared: Arc<Shared>) -> Self {
+    fn new(shared: Arc<Shared>, certificates: Pending) -> Self {
         Self {
             shared,
+            certificates: Some(certificates),
             pods: HashMap::new(),
             ids: HashMap::new(),
             next_id: 1,
@@ -262,6 +283,12 @@ impl Enrolment {
             .map(|(k, st)| (k.clone(), st.local.clone()))
             .collect();
         self.shared.local_pods.store(Arc::new(local));
+        self.shared.metrics.set_enrolled_pods(self.pods.len());
+        if self.failed.is_empty()
+            && let Some(pending) = self.certificates.take()
+        {
+            pending.done();
+        }
     }
 
     fn enrol(&mut self, pod: &Pod) -> anyhow::Result<EnrolledState> {

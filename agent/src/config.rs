@@ -4,11 +4,12 @@ use std::{
     time::Duration,
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::yaml::{self, YamlError};
 
-#[derive(Debug, Clone, Deserialize)]
+/// Serialize: shown by `/config_dump` (it holds file paths, never keys).
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Config {
     /// The workloads file (pods and services); watched for changes.
@@ -52,9 +53,16 @@ pub struct Config {
     /// The sk_msg fast path for data the agent sends to apps.
     #[serde(default)]
     pub sockmap: bool,
-    /// Where to write one JSON line per connection; none: no access log.
+    /// Where to write one line per connection; none: no access log.
     #[serde(default)]
     pub access_log: Option<PathBuf>,
+    /// `json` (one object per line) or `text` (`key=value` pairs).
+    #[serde(default)]
+    pub access_log_format: AccessLogFormat,
+    /// The admin server: `/metrics`, `/healthz/ready`, `/healthz/live`,
+    /// `/config_dump` (all read-only). Prometheus must reach it.
+    #[serde(default = "default_admin_address")]
+    pub admin_address: std::net::SocketAddr,
     /// Threads of the data path. A node agent shares the node with its pods.
     #[serde(default = "default_worker_threads")]
     pub worker_threads: usize,
@@ -63,7 +71,15 @@ pub struct Config {
     pub ebpf_log: EbpfLog,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum EbpfLog {
     #[default]
@@ -71,6 +87,9 @@ pub enum EbpfLog {
     Debug,
 }
 
+fn default_admin_address() -> std::net::SocketAddr {
+    ([127, 0, 0, 1], 15020).into()
+}
 fn default_bpffs_dir() -> PathBuf {
     PathBuf::from("/sys/fs/bpf/nodemesh")
 }
@@ -184,6 +203,14 @@ mod tests {
         assert_eq!(cfg.ebpf_log, EbpfLog::Off);
         assert_eq!(cfg.trust_domain, "cluster.local");
         assert_eq!(cfg.trust_bundle_file(), cfg.ca_cert_file.as_path());
+        assert_eq!(cfg.admin_address.to_string(), "127.0.0.1:15020");
+        assert_eq!(cfg.access_log_format, AccessLogFormat::Json);
+        let cfg = load(&format!(
+            "{BASE}adminAddress: 10.0.0.1:9999\naccessLogFormat: text\n"
+        ))
+        .unwrap();
+        assert_eq!(cfg.admin_address.to_string(), "10.0.0.1:9999");
+        assert_eq!(cfg.access_log_format, AccessLogFormat::Text);
     }
 
     #[test]

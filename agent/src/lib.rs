@@ -3,6 +3,7 @@
 //! `unsafe` is denied workspace-wide; the only exceptions are the eBPF crate
 //! and `nodemesh_common::user` (map types and one socket option).
 pub mod access_log;
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod drain;
@@ -10,8 +11,10 @@ pub mod ebpf;
 pub mod fswatch;
 pub mod identity;
 pub mod inpod;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod readiness;
 pub mod state;
 pub mod tls;
 pub mod yaml;

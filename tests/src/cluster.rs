@@ -580,7 +580,7 @@ impl Cluster {
     fn write_agent_config(&self, k: usize) -> Result<()> {
         let a = &self.agents[k];
         let y = format!(
-            "workloadsFile: {}\ncgroupPath: {}\nbpffsDir: {}\naccessLog: {}\nsockmap: {}\ndrainTimeoutSeconds: {}\nebpfLog: {}\ncaCertFile: {}\ncaKeyFile: {}\ntrustBundleFile: {}\ncertLifetimeSeconds: {}\npolicyDir: {}\n",
+            "workloadsFile: {}\ncgroupPath: {}\nbpffsDir: {}\naccessLog: {}\nsockmap: {}\ndrainTimeoutSeconds: {}\nebpfLog: {}\ncaCertFile: {}\ncaKeyFile: {}\ntrustBundleFile: {}\ncertLifetimeSeconds: {}\npolicyDir: {}\nadminAddress: {}\n",
             a.workloads.display(),
             self.cgroup_dir.join(format!("node-{k}")).display(),
             self.bpffs.join(format!("node-{k}")).display(),
@@ -597,9 +597,26 @@ impl Cluster {
             self.trust_bundle_file().display(),
             self.spec.agent.cert_lifetime_seconds.unwrap_or(86400),
             self.policy_dir().display(),
+            self.admin_address(k),
         );
         fs::write(&a.config, y)?;
         Ok(())
+    }
+
+    /// Node k's agent's admin server: on the node IP, so a Prometheus on the
+    /// external host reaches every agent.
+    pub fn admin_address(&self, k: usize) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(node_ip4(k)), 15020)
+    }
+
+    /// A GET to node k's admin server (from the external host).
+    pub fn admin_get(
+        &self,
+        k: usize,
+        path: &str,
+        accept: Option<&str>,
+    ) -> Result<crate::http::Response> {
+        crate::http::get(&self.external_netns(), self.admin_address(k), path, accept)
     }
 
     /// Starts node k's agent (in the node's netns and its agent cgroup) and
@@ -747,6 +764,27 @@ impl Cluster {
             &format!("/run/netns/{}", self.ns_ext()),
             args,
         )
+    }
+
+    /// The external host's netns, e.g. for `http::get`.
+    pub fn external_netns(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.ns_ext()))
+    }
+
+    /// Any program on the external host (its cgroup and netns), e.g. a
+    /// Prometheus; the caller owns the child.
+    pub fn external_program(&self, program: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.lab_bin);
+        cmd.process_group(0)
+            .arg("pod-exec")
+            .arg("--cgroup")
+            .arg(self.cgroup_dir.join("external"))
+            .arg("--netns")
+            .arg(self.external_netns())
+            .arg("--")
+            .arg(program)
+            .args(args);
+        cmd
     }
 
     /// The same for the fabric (the node-to-node link), e.g. a capture.

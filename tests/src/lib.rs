@@ -8,6 +8,8 @@ pub mod capture;
 pub mod cluster;
 pub mod demo;
 pub mod hbone_probe;
+pub mod http;
+pub mod prometheus;
 pub mod sys;
 pub mod workload;
 

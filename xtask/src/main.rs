@@ -2,7 +2,8 @@
 //!
 //! Every command first runs `setup`, which is idempotent and cached: nightly
 //! rust-src, and bpf-linker built against rustc's own libLLVM (so the two use
-//! the same LLVM), installed under `$XDG_CACHE_HOME/nodemesh/tools`.
+//! the same LLVM), installed under `$XDG_CACHE_HOME/nodemesh/tools`; and
+//! Debian's `prometheus` package (server and promtool) for the metrics test.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -186,11 +187,58 @@ fn setup() -> Result<OsString> {
             .env("LLVM_PREFIX", &prefix)
             .current_dir(&tools))?;
     }
+    install_prometheus()?;
     let mut paths = vec![install_root.join("bin")];
     if let Some(p) = env::var_os("PATH") {
         paths.extend(env::split_paths(&p));
     }
     Ok(env::join_paths(paths)?)
+}
+
+const PROMETHEUS_BINARIES: [&str; 2] = ["/usr/bin/prometheus", "/usr/bin/promtool"];
+
+/// Debian's prometheus package, when its binaries are missing. Only root
+/// can install it; others get a note (the metrics test then fails, saying
+/// what is missing).
+fn install_prometheus() -> Result<()> {
+    let present = || PROMETHEUS_BINARIES.iter().all(|p| Path::new(p).is_file());
+    if present() {
+        return Ok(());
+    }
+    if output(Command::new("id").arg("-u"))? != "0" {
+        eprintln!(
+            "note: {} missing; as root, `cargo xtask setup` installs Debian's prometheus package",
+            PROMETHEUS_BINARIES.join(" or ")
+        );
+        return Ok(());
+    }
+    let install = || {
+        let mut cmd = Command::new("apt-get");
+        cmd.args(["install", "-y", "--no-install-recommends", "prometheus"])
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        eprintln!("+ {cmd:?}");
+        cmd.status()
+            .with_context(|| format!("could not start {cmd:?}"))
+    };
+    let mut status = install()?;
+    if !status.success() {
+        // Most often a stale package index.
+        run(Command::new("apt-get").arg("update"))?;
+        status = install()?;
+    }
+    match (present(), status.success()) {
+        (true, true) => Ok(()),
+        // The package's postinst starts a service, which fails where there
+        // is no init system; the binaries are all the tests use.
+        (true, false) => {
+            eprintln!("note: apt-get install prometheus: {status}, but the binaries are installed");
+            Ok(())
+        }
+        (false, _) => bail!(
+            "apt-get install prometheus ({status}) left {} missing",
+            PROMETHEUS_BINARIES.join(" or ")
+        ),
+    }
 }
 
 fn cargo(root: &Path, path: &OsString) -> Command {

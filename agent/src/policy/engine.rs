@@ -106,6 +106,11 @@ impl PolicySet {
         self.policies.is_empty()
     }
 
+    /// `namespace/name` of every policy, for `/config_dump`.
+    pub fn names(&self) -> Vec<String> {
+        self.policies.iter().map(|p| p.name.clone()).collect()
+    }
+
     /// Policies that select the destination workload: its namespace's and
     /// the root namespace's (mesh-wide), whose selector labels it carries.
     fn selecting<'a>(

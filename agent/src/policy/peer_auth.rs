@@ -42,6 +42,10 @@ impl PeerAuthSet {
         }
     }
 
+    pub fn names(&self) -> Vec<String> {
+        self.policies.iter().map(|p| p.name.clone()).collect()
+    }
+
     pub fn len(&self) -> usize {
         self.policies.len()
     }

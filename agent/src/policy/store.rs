@@ -49,6 +49,16 @@ impl PolicyStore {
             .requirement(namespace, labels, port)
     }
 
+    /// `namespace/name` of every authorization policy in force.
+    pub fn names(&self) -> Vec<String> {
+        self.current.load().authorization.names()
+    }
+
+    /// `namespace/name` of every PeerAuthentication in force.
+    pub fn peer_authentication_names(&self) -> Vec<String> {
+        self.current.load().peer_authentication.names()
+    }
+
     pub fn generation(&self) -> u64 {
         *self.generation.borrow()
     }

@@ -19,29 +19,67 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::{
-    ProxyError,
+    ProxyError, finish,
     outbound::{LocalPod, Shared, note_decision, reset_on_close},
 };
 use crate::{
     access_log::Entry,
+    metrics::{ConnectionTraffic, OrUnknown, Peer, Report, Reporter, SecurityPolicy, ServiceName},
     policy::{Decision, MtlsRequirement, Request},
 };
 
 /// Serves one captured connection.
 pub async fn serve(shared: Arc<Shared>, pod: Arc<LocalPod>, client: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
+    let _active = shared.metrics.active("inbound_plaintext");
+    let peer = canonical(peer);
     let mut entry = Entry::new("destination", peer);
     entry.dst_workload = Some(pod.pod.key().to_string());
     entry.dst_identity = Some(pod.identity.to_string());
-    let outcome = proxy(&shared, &pod, &client, peer, &mut entry).await;
+    let target = client.local_addr().map(canonical);
+    let traffic = open_traffic(&shared, &pod, peer, target.as_ref().map_or(0, |t| t.port()));
+    let outcome = match target {
+        Ok(target) => proxy(&shared, &pod, &client, peer, target, &mut entry, &traffic).await,
+        Err(e) => Err(ProxyError::Transfer(e)),
+    };
     entry.duration_ms = started.elapsed().as_millis();
     if let Err(e) = outcome {
         debug!(pod = %pod.pod.key(), %peer, dst = %entry.orig_dst, "{e}");
         entry.result = e.stage();
+        entry.response_flags = e.response_flags();
         entry.error = Some(e.to_string());
         reset_on_close(&client);
     }
-    shared.access_log.log(entry);
+    finish(&shared, entry, Some(traffic));
+}
+
+/// The destination report of a plaintext connection: no principal (nothing
+/// proved one); the source's workload labels when its address is a pod's.
+fn open_traffic(
+    shared: &Shared,
+    pod: &LocalPod,
+    peer: SocketAddr,
+    target_port: u16,
+) -> ConnectionTraffic {
+    let workloads = shared.workloads.borrow();
+    let source = workloads
+        .pod_by_ip(peer.ip())
+        .map(|p| Peer {
+            principal: OrUnknown::unknown(),
+            ..Peer::pod(p, &shared.identity_of(p))
+        })
+        .unwrap_or_default();
+    let service = workloads
+        .service_of(&pod.pod, target_port)
+        .map(ServiceName::parse)
+        .unwrap_or_default();
+    shared.metrics.open(&[Report {
+        reporter: Reporter::Destination,
+        source: &source,
+        destination: &Peer::pod(&pod.pod, &pod.identity),
+        service: &service,
+        security: SecurityPolicy::None,
+    }])
 }
 
 /// v4-mapped addresses as IPv4 (the capture listener is dual-stack).
@@ -85,11 +123,10 @@ async fn proxy(
     pod: &LocalPod,
     client: &TcpStream,
     peer: SocketAddr,
+    target: SocketAddr,
     entry: &mut Entry,
+    traffic: &ConnectionTraffic,
 ) -> Result<(), ProxyError> {
-    let peer = canonical(peer);
-    entry.src_addr = peer.to_string();
-    let target = canonical(client.local_addr().map_err(ProxyError::Transfer)?);
     entry.orig_dst = target.to_string();
     // The agent's own ports: reaching 15006 directly would loop.
     if [OUTBOUND_PORT, INBOUND_CAPTURE_PORT, HBONE_PORT].contains(&target.port())
@@ -142,7 +179,12 @@ async fn proxy(
     // A reload may make this connection refused (STRICT) or denied.
     let mut generation = shared.policies.subscribe();
     let copied = {
-        let copy = super::splice::bidirectional(client, &upstream);
+        let copy = super::splice::bidirectional(
+            client,
+            &upstream,
+            &traffic.client_to_server,
+            &traffic.server_to_client,
+        );
         tokio::pin!(copy);
         loop {
             tokio::select! {

@@ -10,6 +10,8 @@ use tokio::{
     net::TcpStream,
 };
 
+use crate::metrics::ByteCount;
+
 /// Read size from the TCP side; the buffer is reused once h2 has sent the
 /// previous chunk (BytesMut reclaims its allocation).
 const CHUNK: usize = 64 * 1024;
@@ -24,22 +26,26 @@ fn h2_to_io(e: h2::Error) -> io::Error {
 }
 
 /// Copies both ways until both directions ended. On error the caller resets
-/// both sides.
+/// both sides. Each chunk is added to `count_out` (TCP to stream) or
+/// `count_in` (stream to TCP) as it moves, so metrics show progress.
 pub async fn copy(
     tcp: &mut TcpStream,
     send: &mut SendStream<Bytes>,
     recv: RecvStream,
+    count_out: &ByteCount,
+    count_in: &ByteCount,
 ) -> io::Result<(u64, u64)> {
     let (mut read, mut write) = tcp.split();
     tokio::try_join!(
-        tcp_to_stream(&mut read, send),
-        stream_to_tcp(recv, &mut write)
+        tcp_to_stream(&mut read, send, count_out),
+        stream_to_tcp(recv, &mut write, count_in)
     )
 }
 
 async fn tcp_to_stream(
     read: &mut tokio::net::tcp::ReadHalf<'_>,
     send: &mut SendStream<Bytes>,
+    count: &ByteCount,
 ) -> io::Result<u64> {
     let mut buf = BytesMut::with_capacity(CHUNK);
     let mut total = 0u64;
@@ -62,7 +68,9 @@ async fn tcp_to_stream(
                 continue;
             }
             let part = data.split_to(granted.min(data.len()));
+            let len = part.len();
             send.send_data(part, false).map_err(h2_to_io)?;
+            count.add(len);
         }
     }
 }
@@ -70,12 +78,14 @@ async fn tcp_to_stream(
 async fn stream_to_tcp(
     mut recv: RecvStream,
     write: &mut tokio::net::tcp::WriteHalf<'_>,
+    count: &ByteCount,
 ) -> io::Result<u64> {
     let mut total = 0u64;
     while let Some(chunk) = recv.data().await {
         let chunk = chunk.map_err(h2_to_io)?;
         write.write_all(&chunk).await?;
         total += chunk.len() as u64;
+        count.add(chunk.len());
         // Open the window only once the bytes are written on.
         let _ = recv.flow_control().release_capacity(chunk.len());
     }

@@ -14,14 +14,17 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use super::{
-    denied_by, h2io,
+    denied_by, finish, h2io,
     outbound::{LocalPod, Shared, note_decision, reset_on_close},
 };
 use crate::{
     access_log::Entry,
     identity::Identity,
+    metrics::{
+        ConnectionTraffic, Peer, Report, Reporter, ResponseFlags, SecurityPolicy, ServiceName,
+    },
     policy::{Decision, Request},
-    tls::svid_identity,
+    tls::{failure_reason, svid_identity},
 };
 
 pub use nodemesh_common::HBONE_PORT;
@@ -79,19 +82,26 @@ async fn serve_connection(
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            warn!(pod = %pod.pod.key(), %peer, "HBONE TLS handshake refused: {e}");
-            log_failure(
+            let reason = failure_reason(&e);
+            warn!(pod = %pod.pod.key(), %peer, reason, "HBONE TLS handshake refused: {e}");
+            tls_failure(
                 shared,
                 pod,
                 peer,
-                "tls",
-                format!("TLS handshake refused: {e}"),
+                reason,
+                format!("TLS handshake refused ({reason}): {e}"),
             );
             return;
         }
         Err(_) => {
             warn!(pod = %pod.pod.key(), %peer, "HBONE TLS handshake timed out");
-            log_failure(shared, pod, peer, "tls", "TLS handshake timed out".into());
+            tls_failure(
+                shared,
+                pod,
+                peer,
+                "timeout",
+                "TLS handshake timed out (timeout)".into(),
+            );
             return;
         }
     };
@@ -143,19 +153,59 @@ async fn serve_connection(
     }
 }
 
-fn log_failure(
+/// A handshake that failed: the peer is not authenticated, so only the
+/// destination is labelled.
+fn tls_failure(
     shared: &Shared,
     pod: &LocalPod,
     peer: SocketAddr,
-    stage: &'static str,
+    reason: &'static str,
     error: String,
 ) {
+    shared.metrics.tls_failure("inbound", reason);
+    let traffic = shared.metrics.open(&[Report {
+        reporter: Reporter::Destination,
+        source: &Peer::default(),
+        destination: &Peer::pod(&pod.pod, &pod.identity),
+        service: &ServiceName::default(),
+        security: SecurityPolicy::Unknown,
+    }]);
     let mut e = Entry::new("destination", peer);
     e.dst_workload = Some(pod.pod.key().to_string());
     e.dst_identity = Some(pod.identity.to_string());
-    e.result = stage;
+    e.result = "tls";
+    e.response_flags = ResponseFlags::TlsFailure;
     e.error = Some(error);
-    shared.access_log.log(e);
+    finish(shared, e, Some(traffic));
+}
+
+/// Opens a stream's destination report. The source's workload labels come
+/// from the workloads file, and only when the pod at the connection's
+/// address runs as the identity its certificate proved.
+fn open_traffic(
+    shared: &Shared,
+    pod: &LocalPod,
+    peer: SocketAddr,
+    src_identity: &Identity,
+    target_port: u16,
+) -> ConnectionTraffic {
+    let workloads = shared.workloads.borrow();
+    let source = workloads
+        .pod_by_ip(canonical(peer.ip()))
+        .filter(|p| shared.identity_of(p) == *src_identity)
+        .map(|p| Peer::pod(p, src_identity))
+        .unwrap_or_else(|| Peer::identity(src_identity));
+    let service = workloads
+        .service_of(&pod.pod, target_port)
+        .map(ServiceName::parse)
+        .unwrap_or_default();
+    shared.metrics.open(&[Report {
+        reporter: Reporter::Destination,
+        source: &source,
+        destination: &Peer::pod(&pod.pod, &pod.identity),
+        service: &service,
+        security: SecurityPolicy::MutualTls,
+    }])
 }
 
 fn respond(mut respond: SendResponse<Bytes>, status: StatusCode) {
@@ -177,6 +227,7 @@ async fn serve_stream(
 ) {
     let (request_head, body) = http_request.into_parts();
     let started = Instant::now();
+    let _active = shared.metrics.active("inbound");
     let mut entry = Entry::new("destination", peer);
     entry.src_identity = Some(src_identity.to_string());
     entry.dst_workload = Some(pod.pod.key().to_string());
@@ -200,6 +251,7 @@ async fn serve_stream(
             return;
         }
     };
+    let traffic = open_traffic(shared, pod, peer, &src_identity, target.port());
     entry.orig_dst = target.to_string();
     entry.upstream = Some(target.to_string());
     // Policy: identity from the certificate, address from the TCP peer.
@@ -215,9 +267,10 @@ async fn serve_stream(
     note_decision(&mut entry, &decision);
     if let Decision::Deny { policy } = &decision {
         entry.result = "denied";
+        entry.response_flags = ResponseFlags::Deny;
         entry.error = Some(format!("denied by {}", denied_by(policy)));
         respond(responder, StatusCode::UNAUTHORIZED);
-        shared.access_log.log(entry);
+        finish(shared, entry, Some(traffic));
         return;
     }
     let upstream = match pod.netns.socket(target, shared.socket_mark) {
@@ -232,12 +285,13 @@ async fn serve_stream(
                 _ => "timed out".into(),
             };
             entry.result = "connect";
+            entry.response_flags = ResponseFlags::Connect;
             entry.error = Some(format!(
                 "connect to {target} in pod {}: {why}",
                 pod.pod.key()
             ));
             respond(responder, StatusCode::SERVICE_UNAVAILABLE);
-            shared.access_log.log(entry);
+            finish(shared, entry, Some(traffic));
             return;
         }
     };
@@ -252,7 +306,7 @@ async fn serve_stream(
         Err(e) => {
             entry.result = "transfer";
             entry.error = Some(format!("HBONE stream closed before the response: {e}"));
-            shared.access_log.log(entry);
+            finish(shared, entry, Some(traffic));
             return;
         }
     };
@@ -260,7 +314,13 @@ async fn serve_stream(
     // then closed; allowed ones are untouched.
     let mut generation = shared.policies.subscribe();
     let copied = {
-        let copy = h2io::copy(&mut upstream, &mut send, body);
+        let copy = h2io::copy(
+            &mut upstream,
+            &mut send,
+            body,
+            &traffic.server_to_client,
+            &traffic.client_to_server,
+        );
         tokio::pin!(copy);
         loop {
             tokio::select! {
@@ -273,6 +333,7 @@ async fn serve_stream(
                     if let Decision::Deny { policy } = now {
                         entry.policy = policy.clone();
                         entry.result = "denied";
+                        entry.response_flags = ResponseFlags::Deny;
                         entry.error = Some(format!(
                             "closed: after a policy reload, denied by {}",
                             denied_by(&policy)
@@ -300,7 +361,7 @@ async fn serve_stream(
         }
     }
     entry.duration_ms = started.elapsed().as_millis();
-    shared.access_log.log(entry);
+    finish(shared, entry, Some(traffic));
 }
 
 /// The target of an HBONE request, or why it gets a 400: not CONNECT, an

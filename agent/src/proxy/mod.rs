@@ -14,6 +14,11 @@ use tracing::warn;
 
 use outbound::{LocalPod, Shared};
 
+use crate::{
+    access_log::Entry,
+    metrics::{ConnectionTraffic, ResponseFlags},
+};
+
 /// Why a proxied connection failed, and where.
 #[derive(Debug, Error)]
 pub enum ProxyError {
@@ -61,9 +66,11 @@ pub enum ProxyError {
     Denied { policy: Option<String> },
     #[error("closed: after a policy reload, denied by {}", denied_by(policy))]
     DeniedAfterReload { policy: Option<String> },
-    #[error("HBONE to {addr}: TLS failed: {reason}")]
+    #[error("HBONE to {addr}: TLS failed ({code}): {reason}")]
     Tls {
         addr: std::net::SocketAddr,
+        /// Bounded, for the metric label (`tls::failure_reason`).
+        code: &'static str,
         reason: String,
     },
     #[error(
@@ -114,6 +121,40 @@ impl ProxyError {
             Self::HboneTimeout { .. } | Self::Hbone { .. } | Self::HboneStatus { .. } => "hbone",
         }
     }
+}
+
+impl ProxyError {
+    /// The Istio response flag a failure is reported with.
+    pub fn response_flags(&self) -> ResponseFlags {
+        match self {
+            Self::Denied { .. }
+            | Self::DeniedAfterReload { .. }
+            | Self::PlaintextRefused { .. }
+            | Self::HboneStatus { status: 401, .. } => ResponseFlags::Deny,
+            Self::NoEndpoints { .. }
+            | Self::ConnectTimeout { .. }
+            | Self::Connect { .. }
+            | Self::HboneTimeout { .. }
+            | Self::HboneStatus { status: 503, .. } => ResponseFlags::Connect,
+            Self::Tls { .. } => ResponseFlags::TlsFailure,
+            Self::NotRedirected
+            | Self::WrongPod { .. }
+            | Self::NotCapturable { .. }
+            | Self::Socket { .. }
+            | Self::Transfer(_)
+            | Self::Hbone { .. }
+            | Self::HboneStatus { .. } => ResponseFlags::None,
+        }
+    }
+}
+
+/// Ends a connection's reports: its close in the metrics (with the flags in
+/// the entry, and as failed unless it ended `ok`) and its access-log line.
+pub fn finish(shared: &Shared, entry: Entry, traffic: Option<ConnectionTraffic>) {
+    if let Some(t) = traffic {
+        t.close(entry.response_flags, entry.result != "ok");
+    }
+    shared.access_log.log(entry);
 }
 
 /// Accepts on one of a pod's listeners until draining starts; each

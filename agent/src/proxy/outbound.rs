@@ -14,13 +14,16 @@ use nodemesh_common::{
 use tokio::{net::TcpStream, sync::watch};
 use tracing::{debug, warn};
 
-use super::{ProxyError, h2io, inbound::HBONE_PORT, pool::Pool};
+use super::{ProxyError, finish, h2io, inbound::HBONE_PORT, pool::Pool};
 use crate::{
     access_log::{AccessLog, Entry},
     drain::Drain,
     ebpf::Kernel,
     identity::{CertStore, Identity},
     inpod::PodNetns,
+    metrics::{
+        ByteCount, ConnectionTraffic, Metrics, Peer, Report, Reporter, SecurityPolicy, ServiceName,
+    },
     policy::{Decision, PolicyStore, Request},
     state::{Pod, PodKey, Resolved, Workloads},
 };
@@ -40,6 +43,7 @@ pub struct Shared {
     pub policies: Arc<PolicyStore>,
     /// This node's enrolled pods, republished by enrolment.
     pub local_pods: arc_swap::ArcSwap<std::collections::HashMap<PodKey, Arc<LocalPod>>>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Shared {
@@ -64,12 +68,17 @@ pub async fn serve(shared: Arc<Shared>, pod: Arc<LocalPod>, client: TcpStream, p
 
 async fn handle(shared: &Shared, pod: &LocalPod, mut client: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
+    let _active = shared.metrics.active("outbound");
     let mut entry = Entry::new("source", peer);
     entry.src_workload = Some(pod.pod.key().to_string());
     entry.src_identity = Some(pod.identity.to_string());
-    let outcome = proxy(shared, pod, &mut client, peer, &mut entry).await;
+    let mut traffic = None;
+    let outcome = proxy(shared, pod, &mut client, peer, &mut entry, &mut traffic).await;
     entry.duration_ms = started.elapsed().as_millis();
     if let Err(e) = outcome {
+        if let ProxyError::Tls { code, .. } = &e {
+            shared.metrics.tls_failure("outbound", code);
+        }
         match &e {
             ProxyError::NotRedirected | ProxyError::WrongPod { .. } => {
                 warn!(pod = %pod.pod.key(), %peer, "{e}")
@@ -77,11 +86,12 @@ async fn handle(shared: &Shared, pod: &LocalPod, mut client: TcpStream, peer: So
             _ => debug!(pod = %pod.pod.key(), dst = %entry.orig_dst, "{e}"),
         }
         entry.result = e.stage();
+        entry.response_flags = e.response_flags();
         entry.error = Some(e.to_string());
         // Tell the app it failed: a reset, not a clean close.
         reset_on_close(&client);
     }
-    shared.access_log.log(entry);
+    finish(shared, entry, traffic);
 }
 
 async fn proxy(
@@ -90,6 +100,7 @@ async fn proxy(
     client: &mut TcpStream,
     peer: SocketAddr,
     entry: &mut Entry,
+    traffic: &mut Option<ConnectionTraffic>,
 ) -> Result<(), ProxyError> {
     let local = client.local_addr().map_err(ProxyError::Transfer)?;
     let key = FlowKey {
@@ -100,10 +111,9 @@ async fn proxy(
         dst_port: local.port(),
         _pad: 0,
     };
-    let orig = shared
-        .kernel
-        .orig_dst(&key)
-        .ok_or(ProxyError::NotRedirected)?;
+    let orig = shared.kernel.orig_dst(&key);
+    shared.metrics.orig_dst_lookup(orig.is_some());
+    let orig = orig.ok_or(ProxyError::NotRedirected)?;
     if orig.workload_id != pod.workload_id {
         return Err(ProxyError::WrongPod {
             recorded: orig.workload_id,
@@ -135,7 +145,7 @@ async fn proxy(
     }
     let _ = client.set_nodelay(true);
 
-    let (upstream_addr, dst_pod, local_dst) = {
+    let (upstream_addr, dst_pod, local_dst, denied) = {
         let workloads = shared.workloads.borrow();
         let (addr, dst_pod) = match workloads.resolve(orig_dst) {
             Resolved::Service { service, pod, addr } => {
@@ -150,6 +160,7 @@ async fn proxy(
             Resolved::Pod { pod, addr } => (addr, Some(pod.clone())),
             Resolved::External { addr } => (addr, None),
         };
+        let mut denied = None;
         if let Some(p) = &dst_pod {
             entry.dst_workload = Some(p.key().to_string());
             entry.dst_identity = Some(shared.identity_of(p).to_string());
@@ -158,7 +169,7 @@ async fn proxy(
                 let decision = decide_local(shared, pod, p, addr);
                 note_decision(entry, &decision);
                 if let Decision::Deny { policy } = decision {
-                    return Err(ProxyError::Denied { policy });
+                    denied = Some(policy);
                 }
             }
         }
@@ -168,11 +179,26 @@ async fn proxy(
             Some(p) if p.node != workloads.node => (Some(p), None),
             other => (None, other),
         };
-        (addr, remote, local)
+        (addr, remote, local, denied)
     };
+    let opened = open_traffic(
+        shared,
+        pod,
+        dst_pod.as_ref().or(local_dst.as_ref()),
+        local_dst.is_some(),
+        entry.service.as_deref(),
+    );
+    let bytes = ByteCounters {
+        client_to_server: opened.client_to_server.clone(),
+        server_to_client: opened.server_to_client.clone(),
+    };
+    *traffic = Some(opened);
+    if let Some(policy) = denied {
+        return Err(ProxyError::Denied { policy });
+    }
     entry.upstream = Some(upstream_addr.to_string());
     match dst_pod {
-        Some(dst) => hbone(shared, pod, client, peer, upstream_addr, &dst, entry).await,
+        Some(dst) => hbone(shared, pod, client, upstream_addr, &dst, entry, &bytes).await,
         None => {
             direct(
                 shared,
@@ -181,10 +207,47 @@ async fn proxy(
                 upstream_addr,
                 local_dst.as_ref(),
                 entry,
+                &bytes,
             )
             .await
         }
     }
+}
+
+/// A connection's byte counters, one per direction (ztunnel's: received =
+/// client to server, sent = server to client, for both reporters).
+pub struct ByteCounters {
+    pub client_to_server: ByteCount,
+    pub server_to_client: ByteCount,
+}
+
+/// Opens the connection's Istio series: the source report, and for a pod on
+/// this node the destination report too (this agent is both; as ztunnel
+/// does for same-node traffic).
+fn open_traffic(
+    shared: &Shared,
+    src: &LocalPod,
+    dst: Option<&Pod>,
+    same_node: bool,
+    service: Option<&str>,
+) -> ConnectionTraffic {
+    let source = Peer::pod(&src.pod, &src.identity);
+    let destination = dst
+        .map(|p| Peer::pod(p, &shared.identity_of(p)))
+        .unwrap_or_default();
+    let service = service.map(ServiceName::parse).unwrap_or_default();
+    let report = |reporter, security| Report {
+        reporter,
+        source: &source,
+        destination: &destination,
+        service: &service,
+        security,
+    };
+    let mut reports = vec![report(Reporter::Source, SecurityPolicy::Unknown)];
+    if same_node {
+        reports.push(report(Reporter::Destination, SecurityPolicy::None));
+    }
+    shared.metrics.open(&reports)
 }
 
 /// The decision for a connection to a pod on this node (this agent is its
@@ -226,6 +289,7 @@ async fn direct(
     upstream_addr: SocketAddr,
     local_dst: Option<&Pod>,
     entry: &mut Entry,
+    bytes: &ByteCounters,
 ) -> Result<(), ProxyError> {
     // To an enrolled pod on this node: from inside that pod, over its
     // loopback, so its inbound capture does not take the connection for a
@@ -260,7 +324,12 @@ async fn direct(
     // A policy reload may deny a same-node connection while it is open.
     let mut generation = shared.policies.subscribe();
     let copied = {
-        let copy = super::splice::bidirectional(client, &upstream);
+        let copy = super::splice::bidirectional(
+            client,
+            &upstream,
+            &bytes.client_to_server,
+            &bytes.server_to_client,
+        );
         tokio::pin!(copy);
         loop {
             tokio::select! {
@@ -303,12 +372,13 @@ async fn hbone(
     shared: &Shared,
     pod: &LocalPod,
     client: &mut TcpStream,
-    peer: SocketAddr,
     target: SocketAddr,
     dst: &Pod,
     entry: &mut Entry,
+    bytes: &ByteCounters,
 ) -> Result<(), ProxyError> {
     entry.security = "mutual_tls";
+    let peer = client.peer_addr().map_err(ProxyError::Transfer)?;
     let expected = shared.identity_of(dst);
     let hbone_addr = SocketAddr::new(target.ip(), HBONE_PORT);
     let (mut sender, _stream) = shared.pool.sender(pod, hbone_addr, &expected).await?;
@@ -356,7 +426,15 @@ async fn hbone(
             status: response.status().as_u16(),
         });
     }
-    match h2io::copy(client, &mut send, response.into_body()).await {
+    match h2io::copy(
+        client,
+        &mut send,
+        response.into_body(),
+        &bytes.client_to_server,
+        &bytes.server_to_client,
+    )
+    .await
+    {
         Ok((sent, received)) => {
             entry.bytes_sent = sent;
             entry.bytes_received = received;

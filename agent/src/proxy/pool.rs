@@ -95,6 +95,16 @@ impl Pool {
         self.opened.load(Ordering::Relaxed)
     }
 
+    /// Pooled connections and the streams open on them (for metrics).
+    pub fn usage(&self) -> (usize, usize) {
+        self.lock()
+            .values()
+            .flatten()
+            .fold((0, 0), |(conns, streams), e| {
+                (conns + 1, streams + e.active.load(Ordering::Acquire))
+            })
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Vec<Entry>>> {
         self.conns.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -213,6 +223,7 @@ impl Pool {
             .client_config(&src.identity, expected.clone())
             .map_err(|e| ProxyError::Tls {
                 addr: dst,
+                code: "client_config",
                 reason: e.to_string(),
             })?;
         // No SNI is sent; the name only satisfies the API.
@@ -225,6 +236,7 @@ impl Pool {
         .map_err(|_| ProxyError::HboneTimeout { addr: dst })?
         .map_err(|e| ProxyError::Tls {
             addr: dst,
+            code: crate::tls::failure_reason(&e),
             reason: e.to_string(),
         })?;
         let (send, mut connection) = h2_client()

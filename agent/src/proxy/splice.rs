@@ -15,6 +15,8 @@ use nix::{
 };
 use tokio::{io::Interest, net::TcpStream};
 
+use crate::metrics::ByteCount;
+
 /// Pipe capacity per direction; larger pipes mean fewer syscalls in bulk.
 const PIPE_SIZE: usize = 256 * 1024;
 
@@ -39,15 +41,29 @@ impl Pipe {
 }
 
 /// Forwards both ways until both directions reached EOF, or one failed.
-/// Returns the bytes sent a->b and b->a.
-pub async fn bidirectional(a: &TcpStream, b: &TcpStream) -> io::Result<(u64, u64)> {
+/// Returns the bytes sent a->b and b->a; each chunk is also added to
+/// `count_ab` / `count_ba` as it is written, so metrics show progress.
+pub async fn bidirectional(
+    a: &TcpStream,
+    b: &TcpStream,
+    count_ab: &ByteCount,
+    count_ba: &ByteCount,
+) -> io::Result<(u64, u64)> {
     let (mut ab, mut ba) = (Pipe::new()?, Pipe::new()?);
-    tokio::try_join!(one_way(a, b, &mut ab), one_way(b, a, &mut ba))
+    tokio::try_join!(
+        one_way(a, b, &mut ab, count_ab),
+        one_way(b, a, &mut ba, count_ba)
+    )
 }
 
 const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLICE_F_NONBLOCK);
 
-async fn one_way(src: &TcpStream, dst: &TcpStream, pipe: &mut Pipe) -> io::Result<u64> {
+async fn one_way(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipe: &mut Pipe,
+    count: &ByteCount,
+) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
         // Fill the pipe from the source.
@@ -82,6 +98,7 @@ async fn one_way(src: &TcpStream, dst: &TcpStream, pipe: &mut Pipe) -> io::Resul
                 Ok(n) => {
                     pipe.queued -= n;
                     total += n as u64;
+                    count.add(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),

@@ -234,6 +234,22 @@ impl Workloads {
         self.by_ip.get(&ip).map(|&i| &self.pods[i])
     }
 
+    /// A service `pod` backs on `target_port` (the first, if several), as
+    /// the destination agent labels a connection it cannot ask the source
+    /// about (ztunnel guesses the inbound service the same way).
+    pub fn service_of(&self, pod: &Pod, target_port: u16) -> Option<&str> {
+        let index = *self.by_key.get(&pod.key())?;
+        let mut backing: Vec<&str> = self
+            .by_vip
+            .values()
+            .filter(|b| b.endpoints.contains(&(index, target_port)))
+            .map(|b| b.service.as_str())
+            .collect();
+        // One answer whatever the map's order.
+        backing.sort_unstable();
+        backing.first().copied()
+    }
+
     /// Where a connection to `dst` should go: a service VIP is resolved to
     /// one of its endpoints (round robin), anything else goes as addressed.
     pub fn resolve(&self, dst: SocketAddr) -> Resolved<'_> {

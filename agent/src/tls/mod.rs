@@ -75,3 +75,36 @@ pub fn client_config(
 
 #[cfg(test)]
 mod tests;
+
+/// A bounded name for why a handshake failed (a metric label; the full
+/// error goes to the access log).
+pub fn failure_reason(e: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError as C, Error as E};
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<E>()) else {
+        return match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => "peer_closed",
+            std::io::ErrorKind::TimedOut => "timeout",
+            _ => "io",
+        };
+    };
+    match tls {
+        E::NoCertificatesPresented => "no_client_certificate",
+        E::InvalidCertificate(C::UnknownIssuer) => "unknown_issuer",
+        E::InvalidCertificate(C::Expired | C::NotValidYet) => "certificate_expired",
+        E::InvalidCertificate(C::BadSignature) => "bad_signature",
+        E::InvalidCertificate(C::Other(other)) => match other.0.downcast_ref::<SvidError>() {
+            Some(SvidError::WrongIdentity { .. }) => "wrong_identity",
+            Some(_) => "not_an_svid",
+            None => "bad_certificate",
+        },
+        E::InvalidCertificate(_) => "bad_certificate",
+        E::AlertReceived(_) => "alert_received",
+        E::NoApplicationProtocol => "no_alpn",
+        E::InvalidMessage(_)
+        | E::InappropriateMessage { .. }
+        | E::InappropriateHandshakeMessage { .. }
+        | E::PeerMisbehaved(_)
+        | E::PeerIncompatible(_) => "protocol_error",
+        _ => "other",
+    }
+}
