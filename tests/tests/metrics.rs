@@ -107,6 +107,7 @@ fn metrics_health_and_access_logs() {
     exposition_formats(&c);
     own_metrics_and_config_dump(&c, &p);
     denials(&c, &p);
+    plaintext_inbound(&c, &p);
     tls_failures(&c, &p);
     dashboard_queries_what_the_agents_emit(&c, &p);
     drop(p);
@@ -427,6 +428,52 @@ fn denials(c: &Cluster, p: &Prometheus) {
             .contains("policy shop/no-promo"),
         "{local:?}"
     );
+}
+
+const STRICT_SHOP: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: shop}
+spec:
+  mtls: {mode: STRICT}
+";
+
+/// A client outside the mesh, captured at the destination: one report
+/// (destination), no principal, security `none`, exact bytes; under STRICT
+/// a DENY naming the PeerAuthentication.
+fn plaintext_inbound(c: &Cluster, p: &Prometheus) {
+    let (n, bytes) = (2u64, 100_000u64);
+    let to = format!("{}:8080", c.pod("server-local").ip4);
+    for _ in 0..n {
+        send(c, "outsider", &to, bytes);
+    }
+    // The outsider is in no workloads file: nothing is known of the source.
+    let plain = "{source_workload=\"unknown\",destination_workload=\"server-local\",source_principal=\"unknown\",connection_security_policy=\"none\"}";
+    let only_destination = |metric: &str, value: f64| {
+        let q = format!("sum by (reporter) ({metric}{plain})");
+        p.wait_until(&q, WAIT, |r| {
+            by_reporter(r) == vec![("destination".to_string(), value)]
+        })
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    };
+    only_destination("istio_tcp_connections_closed_total", n as f64);
+    only_destination("istio_tcp_received_bytes_total", n as f64 * up_bytes(bytes));
+    only_destination("istio_tcp_sent_bytes_total", n as f64 * down_bytes(bytes));
+
+    c.write_policy("strict.yaml", STRICT_SHOP).unwrap();
+    one_value(p, "min(nodemesh_policy_generation)", |v| v == 3.0);
+    let r = c.probe("outsider", &to);
+    assert!(r["result"] == "reset" || r["result"] == "eof", "{r}");
+    one_value(
+        p,
+        "sum(istio_tcp_connections_failed_total{reporter=\"destination\",source_principal=\"unknown\",destination_workload=\"server-local\",response_flags=\"DENY\"})",
+        |v| v == 1.0,
+    );
+    let refused = c.log_entries(0, |e| e["policy"] == "shop/strict");
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0]["response_flags"], "DENY");
+    assert!(refused[0]["src_identity"].is_null(), "{refused:?}");
+    std::fs::remove_file(c.policy_dir().join("strict.yaml")).unwrap();
+    one_value(p, "min(nodemesh_policy_generation)", |v| v == 4.0);
 }
 
 fn hbone_probe(c: &Cluster, mode: &str) -> Value {
