@@ -56,19 +56,16 @@ impl PodNetns {
     /// `0.0.0.0` where the pod has IPv6 off.
     pub fn listen_any(&self, port: u16) -> io::Result<tokio::net::TcpListener> {
         let socket = self.run(|| {
-            let bind = |addr: SocketAddr| -> io::Result<Socket> {
-                let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-                s.set_reuse_address(true)?;
-                s.set_reuse_port(true)?;
-                if addr.is_ipv6() {
-                    s.set_only_v6(false)?;
-                }
-                s.bind(&addr.into())?;
-                s.listen(4096)?;
-                Ok(s)
-            };
-            bind(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)))
-                .or_else(|_| bind(SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port))))
+            listening_socket(
+                SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)),
+                false,
+            )
+            .or_else(|_| {
+                listening_socket(
+                    SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)),
+                    false,
+                )
+            })
         })?;
         socket.set_nonblocking(true)?;
         tokio::net::TcpListener::from_std(socket.into())
@@ -93,20 +90,9 @@ impl PodNetns {
         result
     }
 
-    /// A listening socket on `addr` inside the pod.
+    /// A listening socket on `addr` inside the pod (IPv6: v6 only).
     pub fn listen(&self, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
-        let socket = self.run(|| {
-            let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-            // Reuse-port lets a new agent bind beside the old during upgrades.
-            s.set_reuse_address(true)?;
-            s.set_reuse_port(true)?;
-            if addr.is_ipv6() {
-                s.set_only_v6(true)?;
-            }
-            s.bind(&addr.into())?;
-            s.listen(4096)?;
-            Ok(s)
-        })?;
+        let socket = self.run(|| listening_socket(addr, true))?;
         socket.set_nonblocking(true)?;
         tokio::net::TcpListener::from_std(socket.into())
     }
@@ -121,4 +107,18 @@ impl PodNetns {
         socket.set_tcp_nodelay(true)?;
         Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
     }
+}
+
+/// A bound, listening socket in the calling thread's netns.
+fn listening_socket(addr: SocketAddr, v6_only: bool) -> io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // Reuse-port lets a new agent bind beside the old during upgrades.
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(v6_only)?;
+    }
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    Ok(s)
 }

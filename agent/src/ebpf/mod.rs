@@ -110,6 +110,20 @@ macro_rules! attach_to_cgroup {
     }};
 }
 
+/// A program of the object as its typed handle.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, KernelError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(KernelError::Link {
+            name,
+            detail: "program missing from the object".into(),
+        })?
+        .try_into()
+        .map_err(|source| KernelError::Program { name, source })
+}
+
 /// Takes a map out of the object as its typed handle.
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
 where
@@ -266,14 +280,7 @@ impl Kernel {
         let sockhash: SockHash<MapData, SockKey> = take_map(&mut ebpf, MAP_SOCKHASH)?;
         {
             let name = SK_MSG_PROGRAM;
-            let p: &mut SkMsg = ebpf
-                .program_mut(name)
-                .ok_or(KernelError::Link {
-                    name,
-                    detail: "program missing from the object".into(),
-                })?
-                .try_into()
-                .map_err(|source| KernelError::Program { name, source })?;
+            let p: &mut SkMsg = program(&mut ebpf, name)?;
             p.load()
                 .map_err(|source| KernelError::Program { name, source })?;
             match p.attach(sockhash.fd()) {
@@ -294,19 +301,13 @@ impl Kernel {
             }
         }
 
-        {
-            let name = SK_LOOKUP_PROGRAM;
-            let p: &mut SkLookup = ebpf
-                .program_mut(name)
-                .ok_or(KernelError::Link {
-                    name,
-                    detail: "program missing from the object".into(),
-                })?
-                .try_into()
-                .map_err(|source| KernelError::Program { name, source })?;
-            p.load()
-                .map_err(|source| KernelError::Program { name, source })?;
-        }
+        // Loaded now, attached to each pod's netns at enrolment.
+        program::<SkLookup>(&mut ebpf, SK_LOOKUP_PROGRAM)?
+            .load()
+            .map_err(|source| KernelError::Program {
+                name: SK_LOOKUP_PROGRAM,
+                source,
+            })?;
         let capture = take_map(&mut ebpf, MAP_CAPTURE)?;
         let enrolled = take_map(&mut ebpf, MAP_ENROLLED)?;
         let orig_dst = take_map(&mut ebpf, MAP_ORIG_DST)?;
@@ -393,14 +394,7 @@ impl Kernel {
         let name = SK_LOOKUP_PROGRAM;
         let link: FdLink = {
             let mut ebpf = lock(&self.ebpf);
-            let p: &mut SkLookup = ebpf
-                .program_mut(name)
-                .ok_or(KernelError::Link {
-                    name,
-                    detail: "program missing from the object".into(),
-                })?
-                .try_into()
-                .map_err(|source| KernelError::Program { name, source })?;
+            let p: &mut SkLookup = program(&mut ebpf, name)?;
             let id = p
                 .attach(netns)
                 .map_err(|source| KernelError::Program { name, source })?;

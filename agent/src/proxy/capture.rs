@@ -152,72 +152,13 @@ async fn proxy(
     }
     checked?;
     entry.upstream = Some(target.to_string());
-    let socket = pod
-        .netns
-        .socket(target, shared.socket_mark)
-        .map_err(|source| ProxyError::Socket {
-            pod: pod.pod.key().to_string(),
-            source,
-        })?;
-    let upstream = match tokio::time::timeout(shared.connect_timeout, socket.connect(target)).await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(source)) => {
-            return Err(ProxyError::Connect {
-                addr: target,
-                source,
-            });
-        }
-        Err(_) => {
-            return Err(ProxyError::ConnectTimeout {
-                addr: target,
-                secs: shared.connect_timeout.as_secs(),
-            });
-        }
-    };
+    let upstream = super::connect_in(shared, pod, target).await?;
     let _ = client.set_nodelay(true);
     // A reload may make this connection refused (STRICT) or denied.
-    let mut generation = shared.policies.subscribe();
-    let copied = {
-        let copy = super::splice::bidirectional(
-            client,
-            &upstream,
-            &traffic.client_to_server,
-            &traffic.server_to_client,
-        );
-        tokio::pin!(copy);
-        loop {
-            tokio::select! {
-                r = &mut copy => break Ok(r),
-                changed = generation.changed() => {
-                    if changed.is_err() {
-                        continue;
-                    }
-                    if let Err(e) = check(shared, pod, &request) {
-                        break Err(e);
-                    }
-                }
-            }
-        }
-    };
-    match copied {
-        // Bytes from the client to the pod are "received", as in ztunnel.
-        Ok(Ok((from_client, to_client))) => {
-            entry.bytes_received = from_client;
-            entry.bytes_sent = to_client;
-            Ok(())
-        }
-        Ok(Err(e)) => {
-            reset_on_close(&upstream);
-            Err(ProxyError::Transfer(e))
-        }
-        Err(e) => {
-            reset_on_close(&upstream);
-            if let ProxyError::PlaintextRefused { policy, .. } | ProxyError::Denied { policy } = &e
-            {
-                entry.policy = policy.clone();
-            }
-            Err(match e {
+    let recheck = || {
+        check(shared, pod, &request)
+            .map(|_| ())
+            .map_err(|e| match e {
                 ProxyError::Denied { policy } => ProxyError::DeniedAfterReload { policy },
                 ProxyError::PlaintextRefused { policy, port, .. } => ProxyError::PlaintextRefused {
                     policy,
@@ -226,6 +167,29 @@ async fn proxy(
                 },
                 other => other,
             })
+    };
+    let copied = super::splice_rechecked(
+        shared,
+        client,
+        &upstream,
+        (&traffic.client_to_server, &traffic.server_to_client),
+        Some(&recheck),
+    )
+    .await;
+    match copied {
+        // Bytes from the client to the pod are "received", as in ztunnel.
+        Ok((from_client, to_client)) => {
+            entry.bytes_received = from_client;
+            entry.bytes_sent = to_client;
+            Ok(())
+        }
+        Err(e) => {
+            if let ProxyError::PlaintextRefused { policy, .. }
+            | ProxyError::DeniedAfterReload { policy } = &e
+            {
+                entry.policy = policy.clone();
+            }
+            Err(e)
         }
     }
 }

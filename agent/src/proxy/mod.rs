@@ -16,7 +16,7 @@ use outbound::{LocalPod, Shared};
 
 use crate::{
     access_log::Entry,
-    metrics::{ConnectionTraffic, ResponseFlags},
+    metrics::{ByteCount, ConnectionTraffic, ResponseFlags},
 };
 
 /// Why a proxied connection failed, and where.
@@ -146,6 +146,65 @@ impl ProxyError {
             | Self::HboneStatus { .. } => ResponseFlags::None,
         }
     }
+}
+
+/// Connects to `addr` from inside `from`'s netns (the socket carries the
+/// agent's mark, so the kernel hooks leave it alone), within the timeout.
+pub async fn connect_in(
+    shared: &Shared,
+    from: &LocalPod,
+    addr: SocketAddr,
+) -> Result<TcpStream, ProxyError> {
+    let socket = from
+        .netns
+        .socket(addr, shared.socket_mark)
+        .map_err(|source| ProxyError::Socket {
+            pod: from.pod.key().to_string(),
+            source,
+        })?;
+    match tokio::time::timeout(shared.connect_timeout, socket.connect(addr)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(source)) => Err(ProxyError::Connect { addr, source }),
+        Err(_) => Err(ProxyError::ConnectTimeout {
+            addr,
+            secs: shared.connect_timeout.as_secs(),
+        }),
+    }
+}
+
+/// Plain TCP both ways with splice (bytes counted as they flow) until both
+/// directions end. After each policy reload `recheck` runs; its error
+/// closes the connection. Either failure resets the upstream side (the
+/// caller resets the client's). Returns bytes client->upstream, back.
+pub async fn splice_rechecked(
+    shared: &Shared,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    (up, down): (&ByteCount, &ByteCount),
+    recheck: Option<&(dyn Fn() -> Result<(), ProxyError> + Sync)>,
+) -> Result<(u64, u64), ProxyError> {
+    let mut generation = shared.policies.subscribe();
+    let copied = {
+        let copy = splice::bidirectional(client, upstream, up, down);
+        tokio::pin!(copy);
+        loop {
+            tokio::select! {
+                r = &mut copy => break r.map_err(ProxyError::Transfer),
+                changed = generation.changed(), if recheck.is_some() => {
+                    if changed.is_err() {
+                        continue;
+                    }
+                    if let Some(Err(e)) = recheck.map(|f| f()) {
+                        break Err(e);
+                    }
+                }
+            }
+        }
+    };
+    if copied.is_err() {
+        outbound::reset_on_close(upstream);
+    }
+    copied
 }
 
 /// Ends a connection's reports: its close in the metrics (with the flags in

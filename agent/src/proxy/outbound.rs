@@ -295,73 +295,37 @@ async fn direct(
     // loopback, so its inbound capture does not take the connection for a
     // plaintext client (identity and policy were settled above).
     let dst_local = local_dst.and_then(|d| shared.local_pods.load().get(&d.key()).cloned());
-    let from = dst_local.as_deref().unwrap_or(pod);
-    let socket = from
-        .netns
-        .socket(upstream_addr, shared.socket_mark)
-        .map_err(|source| ProxyError::Socket {
-            pod: from.pod.key().to_string(),
-            source,
-        })?;
     let upstream =
-        match tokio::time::timeout(shared.connect_timeout, socket.connect(upstream_addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => {
-                return Err(ProxyError::Connect {
-                    addr: upstream_addr,
-                    source,
-                });
-            }
-            Err(_) => {
-                return Err(ProxyError::ConnectTimeout {
-                    addr: upstream_addr,
-                    secs: shared.connect_timeout.as_secs(),
-                });
-            }
-        };
+        super::connect_in(shared, dst_local.as_deref().unwrap_or(pod), upstream_addr).await?;
     // In-kernel splice: measured to halve the agent's CPU per GiB against a
     // userspace copy (docs/architecture.md). Half-close is carried both ways.
     // A policy reload may deny a same-node connection while it is open.
-    let mut generation = shared.policies.subscribe();
-    let copied = {
-        let copy = super::splice::bidirectional(
-            client,
-            &upstream,
-            &bytes.client_to_server,
-            &bytes.server_to_client,
-        );
-        tokio::pin!(copy);
-        loop {
-            tokio::select! {
-                r = &mut copy => break Ok(r),
-                changed = generation.changed(), if local_dst.is_some() => {
-                    if changed.is_err() {
-                        continue;
-                    }
-                    if let Some(dst) = local_dst
-                        && let Decision::Deny { policy } = decide_local(shared, pod, dst, upstream_addr)
-                    {
-                        entry.policy = policy.clone();
-                        break Err(policy);
-                    }
-                }
-            }
-        }
+    let recheck = |dst: &Pod| match decide_local(shared, pod, dst, upstream_addr) {
+        Decision::Deny { policy } => Err(ProxyError::DeniedAfterReload { policy }),
+        Decision::Allow { .. } => Ok(()),
     };
+    let recheck_dst = local_dst.map(|dst| move || recheck(dst));
+    let copied = super::splice_rechecked(
+        shared,
+        client,
+        &upstream,
+        (&bytes.client_to_server, &bytes.server_to_client),
+        recheck_dst
+            .as_ref()
+            .map(|f| f as &(dyn Fn() -> Result<(), ProxyError> + Sync)),
+    )
+    .await;
     match copied {
-        Ok(Ok((sent, received))) => {
+        Ok((sent, received)) => {
             entry.bytes_sent = sent;
             entry.bytes_received = received;
             Ok(())
         }
-        Ok(Err(e)) => {
-            // Pass a reset on to the upstream side too.
-            reset_on_close(&upstream);
-            Err(ProxyError::Transfer(e))
-        }
-        Err(policy) => {
-            reset_on_close(&upstream);
-            Err(ProxyError::DeniedAfterReload { policy })
+        Err(e) => {
+            if let ProxyError::DeniedAfterReload { policy } = &e {
+                entry.policy = policy.clone();
+            }
+            Err(e)
         }
     }
 }
