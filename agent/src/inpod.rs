@@ -99,15 +99,42 @@ impl PodNetns {
 
     /// An unconnected TCP socket inside the pod, carrying the agent's mark
     /// so the kernel programs leave it alone.
-    pub fn socket(&self, peer: SocketAddr, mark: u32) -> io::Result<tokio::net::TcpSocket> {
+    /// `from_loopback`: the source is a loopback address (`127.0.0.6`,
+    /// `::1`), for connections to the pod's own addresses; the port is
+    /// chosen at connect time, per 4-tuple.
+    pub fn socket(
+        &self,
+        peer: SocketAddr,
+        mark: u32,
+        from_loopback: bool,
+    ) -> io::Result<tokio::net::TcpSocket> {
         let socket =
             self.run(|| Socket::new(Domain::for_address(peer), Type::STREAM, Some(Protocol::TCP)))?;
         socket.set_mark(mark)?;
+        if from_loopback {
+            nix::sys::socket::setsockopt(
+                &socket,
+                nix::sys::socket::sockopt::IpBindAddressNoPort,
+                &true,
+            )
+            .map_err(io::Error::from)?;
+            let source: std::net::IpAddr = if peer.is_ipv4() {
+                INBOUND_SOURCE_V4.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            };
+            socket.bind(&SocketAddr::new(source, 0).into())?;
+        }
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
         Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
     }
 }
+
+/// The source of the agent's connections to its pod's apps (as Istio's
+/// sidecars use): a loopback address, so nothing outside the pod can send
+/// from it, and the kernel reuses its TIME_WAIT ports after a second.
+pub const INBOUND_SOURCE_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
 
 /// A bound, listening socket in the calling thread's netns.
 fn listening_socket(addr: SocketAddr, v6_only: bool) -> io::Result<Socket> {

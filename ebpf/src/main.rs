@@ -370,11 +370,12 @@ pub fn nm_sk_msg(ctx: SkMsgContext) -> u32 {
 /// listener; the accepted socket keeps the original local address, so the
 /// agent reads the destination port from it.
 ///
-/// Not captured: connections from inside the pod — over loopback, or from
-/// the pod's own address to itself, which is how the agent reaches the app
-/// (a SYN from outside that forges the pod's address cannot complete: the
-/// SYN-ACK stays in the pod) — and the HBONE port, whose listener is the
-/// agent's already. The ingress ifindex alone does not tell: traffic to the
+/// Not captured: connections from inside the pod — over loopback, from a
+/// loopback source (how the agent reaches the app: the kernel drops
+/// loopback sources that arrive on other devices), or from the pod's own
+/// address to itself (a SYN from outside that forges it cannot complete:
+/// the SYN-ACK stays in the pod) — and the HBONE port, whose listener is
+/// the agent's already. The ingress ifindex alone does not tell: traffic to the
 /// pod's own address is reported on the device that holds the address.
 #[sk_lookup]
 pub fn nm_sk_lookup(ctx: SkLookupContext) -> u32 {
@@ -396,7 +397,7 @@ pub fn nm_sk_lookup(ctx: SkLookupContext) -> u32 {
         return SK_PASS;
     }
     let (key, remote) = select_family(family, l4, r4, l6, r6);
-    if key == remote {
+    if key == remote || is_loopback(&remote) {
         return SK_PASS;
     }
     match CAPTURE.redirect_sk_lookup(&ctx, key, 0) {
@@ -411,6 +412,13 @@ pub fn nm_sk_lookup(ctx: SkLookupContext) -> u32 {
             SK_DROP
         }
     }
+}
+
+/// 127.0.0.0/8 (v4-mapped) or ::1.
+#[inline(always)]
+fn is_loopback(a: &Ip6Words) -> bool {
+    (is_v4_mapped(a) && u32::from_be(a[3]) >> 24 == 127)
+        || (a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == u32::to_be(1))
 }
 
 // Only for the bpf target: host-side `cargo clippy` links std's.

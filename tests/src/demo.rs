@@ -63,6 +63,8 @@ fn spec() -> ClusterSpec {
     ]
     .into_iter()
     .map(|(n, k)| PodSpec::new(n, k))
+    // A legacy job outside the mesh, calling the catalogue in plaintext.
+    .chain([PodSpec::new("scraper", 0).unenrolled()])
     .collect();
     let services = ["cart", "catalogue", "orders", "promotions", "auth"]
         .into_iter()
@@ -79,10 +81,15 @@ fn spec() -> ClusterSpec {
 pub fn run(duration: Option<u64>) -> Result<()> {
     println!("nodemesh demo: building a 2-node virtual cluster (online store)...");
     let mut c = Cluster::start(spec())?;
+    // Policies as a shop would write them (Istio's own documents): mutual
+    // TLS required mesh-wide, and only orders may call auth.
+    c.write_policy("mesh-strict.yaml", MESH_STRICT)?;
+    c.write_policy("auth.yaml", AUTH_ONLY_ORDERS)?;
     c.spawn_external(&["serve", "--port", "8080"])?;
     let vip = |c: &Cluster, s: &str| format!("{s}={}:80", c.service(s).vip4);
     let notifications = format!("notifications={}:8080", cluster::EXTERNAL_V4);
-    let plan: [(&str, Vec<String>); 6] = [
+    let catalogue_pod = format!("catalogue={}:8080", c.pod("catalogue").ip4);
+    let plan: [(&str, Vec<String>); 7] = [
         ("catalogue", vec![]),
         ("auth", vec![]),
         ("promotions", vec![vip(&c, "catalogue")]),
@@ -98,8 +105,11 @@ pub fn run(duration: Option<u64>) -> Result<()> {
                 vip(&c, "catalogue"),
                 vip(&c, "promotions"),
                 vip(&c, "orders"),
+                // Not allowed by auth.yaml: every call is denied.
+                vip(&c, "auth"),
             ],
         ),
+        ("scraper", vec![catalogue_pod]),
     ];
     for (pod, calls) in plan {
         let mut args = vec!["shop".to_owned(), "--port".into(), "8080".into()];
@@ -134,6 +144,23 @@ pub fn run(duration: Option<u64>) -> Result<()> {
     Ok(())
 }
 
+const MESH_STRICT: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: mesh-strict, namespace: istio-system}
+spec:
+  mtls: {mode: STRICT}
+";
+
+const AUTH_ONLY_ORDERS: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: auth-only-orders, namespace: shop}
+spec:
+  selector: {matchLabels: {app: auth}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/shop/sa/orders]}}]
+";
+
 #[derive(Default)]
 struct PairStats {
     connections: u64,
@@ -160,14 +187,17 @@ pub fn summarize(c: &Cluster) -> BTreeMap<(String, String), (u64, u64, u64, u64)
 fn table(c: &Cluster) -> BTreeMap<(String, String), PairStats> {
     let mut pairs: BTreeMap<(String, String), PairStats> = BTreeMap::new();
     for k in 0..c.agents.len() {
-        // Each connection once: as its source's agent reported it.
-        for e in c
-            .access_log(k)
-            .into_iter()
-            .filter(|e| e["reporter"] == "source")
-        {
+        // Each connection once: as its source's agent reported it, or, for a
+        // client outside the mesh, as the destination's agent captured it.
+        for e in c.access_log(k).into_iter().filter(|e| {
+            e["reporter"] == "source"
+                || (e["reporter"] == "destination" && e["src_identity"].is_null())
+        }) {
             let get = |f: &str| e.get(f).and_then(Value::as_str).unwrap_or("");
-            let src = short(get("src_workload")).to_owned();
+            let src = match e.get("src_workload").and_then(Value::as_str) {
+                Some(w) => short(w).to_owned(),
+                None => outside_client(c, get("src_addr")),
+            };
             let dst = match e.get("dst_workload").and_then(Value::as_str) {
                 Some(w) => short(w).to_owned(),
                 None => format!("external {}", get("orig_dst")),
@@ -184,6 +214,17 @@ fn table(c: &Cluster) -> BTreeMap<(String, String), PairStats> {
         }
     }
     pairs
+}
+
+/// A plaintext client by its address: the lab pod's name, marked as
+/// outside the mesh.
+fn outside_client(c: &Cluster, addr: &str) -> String {
+    let ip = addr.parse::<SocketAddr>().map(|a| a.ip()).ok();
+    c.pods
+        .values()
+        .find(|p| ip == Some(std::net::IpAddr::V4(p.ip4)))
+        .map(|p| format!("{} (plain)", p.spec.name))
+        .unwrap_or_else(|| addr.to_owned())
 }
 
 fn print_summary(c: &Cluster, elapsed: Duration) {
@@ -213,6 +254,17 @@ fn print_summary(c: &Cluster, elapsed: Duration) {
         out += "\nlast errors:\n";
         out += &errors.join("\n");
         out += "\n";
+    }
+    out += &format!(
+        "\npolicies ({}): mesh-wide STRICT mutual TLS; auth accepts only orders\n",
+        c.policy_dir().display()
+    );
+    for k in 0..c.agents.len() {
+        out += &format!(
+            "node {k} agent: ip netns exec {} curl -s http://{}/metrics  (also /healthz/ready, /config_dump)\n",
+            c.ns_node(k),
+            c.admin_address(k)
+        );
     }
     let mut stdout = std::io::stdout();
     let _ = stdout.write_all(out.as_bytes());

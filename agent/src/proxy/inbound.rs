@@ -273,23 +273,12 @@ async fn serve_stream(
         finish(shared, entry, Some(traffic));
         return;
     }
-    let upstream = match pod.netns.socket(target, shared.socket_mark) {
-        Ok(socket) => tokio::time::timeout(shared.connect_timeout, socket.connect(target)).await,
-        Err(e) => Ok(Err(e)),
-    };
-    let mut upstream = match upstream {
-        Ok(Ok(s)) => s,
-        failed => {
-            let why = match failed {
-                Ok(Err(e)) => e.to_string(),
-                _ => "timed out".into(),
-            };
-            entry.result = "connect";
-            entry.response_flags = ResponseFlags::Connect;
-            entry.error = Some(format!(
-                "connect to {target} in pod {}: {why}",
-                pod.pod.key()
-            ));
+    let mut upstream = match super::connect_in(shared, pod, target).await {
+        Ok(s) => s,
+        Err(e) => {
+            entry.result = e.stage();
+            entry.response_flags = e.response_flags();
+            entry.error = Some(format!("in pod {}: {e}", pod.pod.key()));
             respond(responder, StatusCode::SERVICE_UNAVAILABLE);
             finish(shared, entry, Some(traffic));
             return;

@@ -150,14 +150,24 @@ impl ProxyError {
 
 /// Connects to `addr` from inside `from`'s netns (the socket carries the
 /// agent's mark, so the kernel hooks leave it alone), within the timeout.
+///
+/// To the pod's own address (the agent reaching the app) the source is
+/// `127.0.0.6` / `::1`: from the pod's own address every such connection
+/// would have the same two addresses, and the agent's side, which usually
+/// closes first, holds its port in TIME_WAIT for 60 s — a cap near 470 new
+/// connections/s into a pod (measured). With a loopback source the kernel
+/// reuses TIME_WAIT ports after a second (`tcp_tw_reuse`'s default), and
+/// apps bound only to localhost stay unreachable (the destination is still
+/// the pod's address).
 pub async fn connect_in(
     shared: &Shared,
     from: &LocalPod,
     addr: SocketAddr,
 ) -> Result<TcpStream, ProxyError> {
+    let to_itself = from.pod.ips.contains(&addr.ip());
     let socket = from
         .netns
-        .socket(addr, shared.socket_mark)
+        .socket(addr, shared.socket_mark, to_itself)
         .map_err(|source| ProxyError::Socket {
             pod: from.pod.key().to_string(),
             source,

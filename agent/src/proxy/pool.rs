@@ -204,13 +204,13 @@ impl Pool {
         dst: SocketAddr,
         expected: &Identity,
     ) -> Result<SendRequest<Bytes>, ProxyError> {
-        let socket =
-            src.netns
-                .socket(dst, self.socket_mark)
-                .map_err(|source| ProxyError::Socket {
-                    pod: src.pod.key().to_string(),
-                    source,
-                })?;
+        let socket = src
+            .netns
+            .socket(dst, self.socket_mark, false)
+            .map_err(|source| ProxyError::Socket {
+                pod: src.pod.key().to_string(),
+                source,
+            })?;
         let tcp = match tokio::time::timeout(self.connect_timeout, socket.connect(dst)).await {
             Ok(Ok(s)) => s,
             Ok(Err(source)) => return Err(ProxyError::Connect { addr: dst, source }),
