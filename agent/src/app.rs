@@ -103,6 +103,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         certs: certs.clone(),
         pool,
         policies: policies.clone(),
+        inbound_exempt_sources: config.inbound_exempt_sources(),
         local_pods: Default::default(),
         metrics: metrics.clone(),
     });
@@ -128,18 +129,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut enrolment = Enrolment::new(shared.clone(), certificates);
     let snapshot = workloads.borrow_and_update().clone();
     enrolment.reconcile(&snapshot);
-    // Entries a previous agent left for pods that are gone.
-    let current: HashSet<u64> = enrolment
-        .pods
-        .values()
-        .map(|p| p.local.netns_cookie)
-        .collect();
-    for cookie in kernel.enrolled_cookies() {
-        if !current.contains(&cookie) {
-            kernel.unenrol(cookie);
-            info!(netns_cookie = cookie, "removed a stale enrolment");
-        }
-    }
+    let mut stale_removed = enrolment.remove_stale();
     info!(
         node = %snapshot.node,
         enrolled = enrolment.pods.len(),
@@ -159,6 +149,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 if enrolment.has_failures() {
                     let snapshot = workloads.borrow().clone();
                     enrolment.reconcile(&snapshot);
+                }
+                if !stale_removed {
+                    stale_removed = enrolment.remove_stale();
                 }
             }
             _ = sigterm.recv() => break,
@@ -358,14 +351,34 @@ impl Enrolment {
         } else {
             0
         };
-        self.shared
-            .kernel
-            .enrol(cookie, EnrolledPod { workload_id, flags })?;
+        // Capture first: a failure here leaves no map entry behind.
         self.shared
             .kernel
             .attach_capture(&local.netns, cookie)
             .context("attaching inbound capture (sk_lookup) to the pod's netns")?;
+        self.shared
+            .kernel
+            .enrol(cookie, EnrolledPod { workload_id, flags })?;
         Ok(EnrolledState { local, listeners })
+    }
+
+    /// Removes what a previous agent left for pods that are gone (map
+    /// entries, capture links); true once done. Not while any local pod
+    /// failed to enrol: its netns cookie is unknown, and removing its old
+    /// entries would drop the protection a previous agent set up for it.
+    fn remove_stale(&self) -> bool {
+        if self.has_failures() {
+            return false;
+        }
+        let current: HashSet<u64> = self.pods.values().map(|p| p.local.netns_cookie).collect();
+        let kernel = &self.shared.kernel;
+        for cookie in kernel.enrolled_cookies() {
+            if !current.contains(&cookie) {
+                kernel.unenrol(cookie);
+                info!(netns_cookie = cookie, "removed a stale enrolment");
+            }
+        }
+        true
     }
 
     /// Certificates of identities no local pod runs as any more.

@@ -50,6 +50,12 @@ pub struct Config {
     /// Namespace whose policies apply mesh-wide.
     #[serde(default = "default_root_namespace")]
     pub root_namespace: String,
+    /// Sources (addresses or CIDR blocks) whose plaintext connections to
+    /// meshed pods skip PeerAuthentication and authorization, as Istio's
+    /// ambient mode exempts kubelet probes: in Kubernetes, the node's own
+    /// addresses (or the address probes are SNATed to). Empty by default.
+    #[serde(default)]
+    pub inbound_exempt_sources: Vec<String>,
     /// The sk_msg fast path for data the agent sends to apps.
     #[serde(default)]
     pub sockmap: bool,
@@ -145,6 +151,15 @@ impl Config {
                 message: "must be at least 1".into(),
             });
         }
+        for (i, block) in cfg.inbound_exempt_sources.iter().enumerate() {
+            if let Err(message) = crate::policy::IpBlock::parse(block) {
+                return Err(YamlError::Invalid {
+                    path: path.to_owned(),
+                    field: format!("inboundExemptSources[{i}]"),
+                    message,
+                });
+            }
+        }
         if cfg.socket_mark == 0 {
             return Err(YamlError::Invalid {
                 path: path.to_owned(),
@@ -153,6 +168,14 @@ impl Config {
             });
         }
         Ok(cfg)
+    }
+
+    /// `inboundExemptSources`, parsed (checked by `load`).
+    pub fn inbound_exempt_sources(&self) -> Vec<crate::policy::IpBlock> {
+        self.inbound_exempt_sources
+            .iter()
+            .filter_map(|b| crate::policy::IpBlock::parse(b).ok())
+            .collect()
     }
 
     pub fn drain_timeout(&self) -> Duration {
@@ -229,6 +252,20 @@ mod tests {
             err.contains("line 5 column 1") && err.contains("sockMap"),
             "{err}"
         );
+        let err = load(&format!(
+            "{BASE}inboundExemptSources: [10.0.0.1/32, 10.1.0.0/40]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("inboundExemptSources[1]") && err.contains("prefix length"),
+            "{err}"
+        );
+        let ok = load(&format!(
+            "{BASE}inboundExemptSources: [10.0.0.1, \"fd00::/8\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(ok.inbound_exempt_sources().len(), 2);
         let err = load("workloadsFile: w.yaml\n").unwrap_err().to_string();
         assert!(err.contains("cgroupPath"), "{err}");
     }

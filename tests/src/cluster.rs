@@ -94,6 +94,8 @@ pub struct AgentOptions {
     /// Workload certificate lifetime (default 24 h).
     pub cert_lifetime_seconds: Option<u64>,
     pub drain_timeout_seconds: Option<u64>,
+    /// `inboundExemptSources`.
+    pub inbound_exempt_sources: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -580,7 +582,7 @@ impl Cluster {
     fn write_agent_config(&self, k: usize) -> Result<()> {
         let a = &self.agents[k];
         let y = format!(
-            "workloadsFile: {}\ncgroupPath: {}\nbpffsDir: {}\naccessLog: {}\nsockmap: {}\ndrainTimeoutSeconds: {}\nebpfLog: {}\ncaCertFile: {}\ncaKeyFile: {}\ntrustBundleFile: {}\ncertLifetimeSeconds: {}\npolicyDir: {}\nadminAddress: {}\n",
+            "workloadsFile: {}\ncgroupPath: {}\nbpffsDir: {}\naccessLog: {}\nsockmap: {}\ndrainTimeoutSeconds: {}\nebpfLog: {}\ncaCertFile: {}\ncaKeyFile: {}\ntrustBundleFile: {}\ncertLifetimeSeconds: {}\npolicyDir: {}\nadminAddress: {}\ninboundExemptSources: [{}]\n",
             a.workloads.display(),
             self.cgroup_dir.join(format!("node-{k}")).display(),
             self.bpffs.join(format!("node-{k}")).display(),
@@ -598,6 +600,7 @@ impl Cluster {
             self.spec.agent.cert_lifetime_seconds.unwrap_or(86400),
             self.policy_dir().display(),
             self.admin_address(k),
+            self.spec.agent.inbound_exempt_sources.join(", "),
         );
         fs::write(&a.config, y)?;
         Ok(())

@@ -265,6 +265,20 @@ fn peer_authentication_strict_refuses_plaintext_and_permissive_admits_it() {
     assert!(ok(&c, "outsider", &remote(&c)));
     assert!(!ok(&c, "outsider", &local(&c)));
 
+    // An exempt source (in Kubernetes: the node, for kubelet probes) passes
+    // STRICT: server-local is still STRICT for the outsider.
+    c.spec.agent.inbound_exempt_sources = vec![format!("{}/32", c.pod("outsider").ip4)];
+    c.stop_agent(0).unwrap();
+    c.rewrite_agent_config(0).unwrap();
+    c.start_agent(0).unwrap();
+    wait_for(
+        "the restarted agent to capture again",
+        Duration::from_secs(10),
+        || c.probe("outsider", &local(&c))["result"] == "ok",
+    );
+    let e = c.log_entries(0, |e| e["policy"] == "inboundExemptSources");
+    assert!(!e.is_empty(), "the exemption is not in the access log");
+
     // With the agent down the pinned sk_lookup link stays and there is no
     // listener: plaintext is refused, never let past policy.
     c.kill_agent(1).unwrap();

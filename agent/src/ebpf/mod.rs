@@ -224,6 +224,7 @@ impl Kernel {
             EbpfLog::Off => 0,
             EbpfLog::Debug => 4,
         };
+        drop_resized_counters(&maps_dir);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .override_global("AYA_LOG_LEVEL", &log_level, false)
@@ -464,6 +465,26 @@ fn is_busy(e: &aya::programs::ProgramError) -> bool {
         cur = err.source();
     }
     false
+}
+
+/// aya reuses a pinned map whatever its size: a counter array pinned by an
+/// agent with fewer counters would silently drop the new ones. Counters are
+/// only statistics, so a differently sized pin is removed and recreated.
+fn drop_resized_counters(maps_dir: &Path) {
+    let pin = maps_dir.join(MAP_COUNTERS);
+    let Ok(info) = aya::maps::MapInfo::from_pin(&pin) else {
+        return;
+    };
+    if info.max_entries() != counter::COUNT {
+        match std::fs::remove_file(&pin) {
+            Ok(()) => info!(
+                was = info.max_entries(),
+                now = counter::COUNT,
+                "recreating the resized counter map"
+            ),
+            Err(e) => warn!("removing the resized counter map {}: {e}", pin.display()),
+        }
+    }
 }
 
 /// Pins `new` at `path`; a link already pinned there (a previous agent's) is

@@ -110,7 +110,7 @@ fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 impl IpBlock {
-    fn parse(v: &str) -> Result<Self, String> {
+    pub fn parse(v: &str) -> Result<Self, String> {
         let (ip, prefix) = match v.split_once('/') {
             Some((ip, p)) => (ip, Some(p)),
             None => (v, None),
@@ -562,7 +562,13 @@ pub fn compile(file: &Path, docs: &[Document], out: &mut Compiled) -> Result<(),
                 format!("not a field of {kind}"),
             );
         }
-        let selector = doc.spec.selector.as_ref().map(|s| s.match_labels.clone());
+        // `selector: {}` selects nothing in particular: namespace-wide.
+        let selector = doc
+            .spec
+            .selector
+            .as_ref()
+            .map(|s| s.match_labels.clone())
+            .filter(|labels| !labels.is_empty());
         if kind == "PeerAuthentication" {
             let mode = match &doc.spec.mtls {
                 Some(m) => mtls_mode(&mut ctx, &m.mode, &at("spec.mtls.mode")),

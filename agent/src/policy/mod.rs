@@ -13,7 +13,7 @@ mod store;
 use std::path::{Path, PathBuf};
 
 pub use compile::{
-    Action, AuthorizationPolicy, MtlsMode, PeerAuthentication, PolicyError, PolicyWarning,
+    Action, AuthorizationPolicy, IpBlock, MtlsMode, PeerAuthentication, PolicyError, PolicyWarning,
 };
 pub use engine::{Decision, PolicySet, Request};
 pub use peer_auth::{MtlsRequirement, PeerAuthSet};

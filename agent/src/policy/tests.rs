@@ -363,6 +363,13 @@ fn peer_authentication_matrix() {
     let mesh_strict = pa("istio-system", "mesh", "", "STRICT", "");
     let ns_permissive = pa("shop", "ns", "", "PERMISSIVE", "");
     let ns_unset = pa("shop", "ns", "", "UNSET", "");
+    let mesh_strict_empty_selector = pa(
+        "istio-system",
+        "mesh",
+        "  selector: {matchLabels: {}}\n",
+        "STRICT",
+        "",
+    );
     let wl_disable = pa("shop", "wl", sel, "DISABLE", "");
     let wl_unset_port_strict = pa(
         "shop",
@@ -396,6 +403,14 @@ fn peer_authentication_matrix() {
         (
             "mesh-wide strict",
             vec![&mesh_strict],
+            &orders,
+            8080,
+            Strict,
+            Some("istio-system/mesh"),
+        ),
+        (
+            "empty selector is mesh-wide",
+            vec![&mesh_strict_empty_selector],
             &orders,
             8080,
             Strict,

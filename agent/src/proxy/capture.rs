@@ -142,7 +142,18 @@ async fn proxy(
         dst_ip: target.ip(),
         dst_port: target.port(),
     };
-    let checked = check(shared, pod, &request);
+    // Exempt sources (kubelet probes) pass unchecked, as in Istio's ambient.
+    let exempt = shared
+        .inbound_exempt_sources
+        .iter()
+        .any(|b| b.contains(peer.ip()));
+    let checked = if exempt {
+        Ok(Decision::Allow {
+            policy: Some("inboundExemptSources".into()),
+        })
+    } else {
+        check(shared, pod, &request)
+    };
     match &checked {
         Ok(decision) => note_decision(entry, decision),
         Err(ProxyError::PlaintextRefused { policy, .. } | ProxyError::Denied { policy }) => {
@@ -173,7 +184,7 @@ async fn proxy(
         client,
         &upstream,
         (&traffic.client_to_server, &traffic.server_to_client),
-        Some(&recheck),
+        (!exempt).then_some(&recheck as &(dyn Fn() -> Result<(), ProxyError> + Sync)),
     )
     .await;
     match copied {

@@ -302,6 +302,9 @@ async fn serve_stream(
     // While bytes flow, a new policy set may deny this connection: it is
     // then closed; allowed ones are untouched.
     let mut generation = shared.policies.subscribe();
+    // A set that arrived since the first decision (during the connect) is
+    // checked at once.
+    generation.mark_changed();
     let copied = {
         let copy = h2io::copy(
             &mut upstream,

@@ -194,6 +194,9 @@ pub async fn splice_rechecked(
     recheck: Option<&(dyn Fn() -> Result<(), ProxyError> + Sync)>,
 ) -> Result<(u64, u64), ProxyError> {
     let mut generation = shared.policies.subscribe();
+    // A set that arrived since the first decision (during the connect) is
+    // checked at once.
+    generation.mark_changed();
     let copied = {
         let copy = splice::bidirectional(client, upstream, up, down);
         tokio::pin!(copy);

@@ -41,6 +41,8 @@ pub struct Shared {
     pub certs: Arc<CertStore>,
     pub pool: Arc<Pool>,
     pub policies: Arc<PolicyStore>,
+    /// Plaintext sources that skip inbound checks (`inboundExemptSources`).
+    pub inbound_exempt_sources: Vec<crate::policy::IpBlock>,
     /// This node's enrolled pods, republished by enrolment.
     pub local_pods: arc_swap::ArcSwap<std::collections::HashMap<PodKey, Arc<LocalPod>>>,
     pub metrics: Arc<Metrics>,
