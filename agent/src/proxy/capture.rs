@@ -24,7 +24,7 @@ use super::{
 };
 use crate::{
     access_log::Entry,
-    metrics::{ConnectionTraffic, OrUnknown, Peer, Report, Reporter, SecurityPolicy, ServiceName},
+    metrics::{ConnectionTraffic, OrUnknown, Peer, SecurityPolicy},
     policy::{Decision, MtlsRequirement, Request},
 };
 
@@ -61,25 +61,16 @@ fn open_traffic(
     peer: SocketAddr,
     target_port: u16,
 ) -> ConnectionTraffic {
-    let workloads = shared.workloads.borrow();
-    let source = workloads
+    let source = shared
+        .workloads
+        .borrow()
         .pod_by_ip(peer.ip())
         .map(|p| Peer {
             principal: OrUnknown::unknown(),
             ..Peer::pod(p, &shared.identity_of(p))
         })
         .unwrap_or_default();
-    let service = workloads
-        .service_of(&pod.pod, target_port)
-        .map(ServiceName::parse)
-        .unwrap_or_default();
-    shared.metrics.open(&[Report {
-        reporter: Reporter::Destination,
-        source: &source,
-        destination: &Peer::pod(&pod.pod, &pod.identity),
-        service: &service,
-        security: SecurityPolicy::None,
-    }])
+    super::open_destination_report(shared, pod, &source, target_port, SecurityPolicy::None)
 }
 
 /// v4-mapped addresses as IPv4 (the capture listener is dual-stack).

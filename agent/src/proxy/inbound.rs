@@ -189,23 +189,14 @@ fn open_traffic(
     src_identity: &Identity,
     target_port: u16,
 ) -> ConnectionTraffic {
-    let workloads = shared.workloads.borrow();
-    let source = workloads
+    let source = shared
+        .workloads
+        .borrow()
         .pod_by_ip(canonical(peer.ip()))
         .filter(|p| shared.identity_of(p) == *src_identity)
         .map(|p| Peer::pod(p, src_identity))
         .unwrap_or_else(|| Peer::identity(src_identity));
-    let service = workloads
-        .service_of(&pod.pod, target_port)
-        .map(ServiceName::parse)
-        .unwrap_or_default();
-    shared.metrics.open(&[Report {
-        reporter: Reporter::Destination,
-        source: &source,
-        destination: &Peer::pod(&pod.pod, &pod.identity),
-        service: &service,
-        security: SecurityPolicy::MutualTls,
-    }])
+    super::open_destination_report(shared, pod, &source, target_port, SecurityPolicy::MutualTls)
 }
 
 fn respond(mut respond: SendResponse<Bytes>, status: StatusCode) {

@@ -16,7 +16,10 @@ use outbound::{LocalPod, Shared};
 
 use crate::{
     access_log::Entry,
-    metrics::{ByteCount, ConnectionTraffic, ResponseFlags},
+    metrics::{
+        ByteCount, ConnectionTraffic, Peer, Report, Reporter, ResponseFlags, SecurityPolicy,
+        ServiceName,
+    },
 };
 
 /// Why a proxied connection failed, and where.
@@ -218,6 +221,30 @@ pub async fn splice_rechecked(
         outbound::reset_on_close(upstream);
     }
     copied
+}
+
+/// Opens the destination report of a connection to a pod on this node:
+/// its service from the target port, and the source as already known.
+pub fn open_destination_report(
+    shared: &Shared,
+    pod: &LocalPod,
+    source: &Peer,
+    target_port: u16,
+    security: SecurityPolicy,
+) -> ConnectionTraffic {
+    let service = shared
+        .workloads
+        .borrow()
+        .service_of(&pod.pod, target_port)
+        .map(ServiceName::parse)
+        .unwrap_or_default();
+    shared.metrics.open(&[Report {
+        reporter: Reporter::Destination,
+        source,
+        destination: &Peer::pod(&pod.pod, &pod.identity),
+        service: &service,
+        security,
+    }])
 }
 
 /// Ends a connection's reports: its close in the metrics (with the flags in
