@@ -167,20 +167,31 @@ pub async fn connect_in(
     from: &LocalPod,
     addr: SocketAddr,
 ) -> Result<TcpStream, ProxyError> {
+    connect_from(from, addr, shared.socket_mark, shared.connect_timeout).await
+}
+
+/// The socket and connect of [`connect_in`], for callers with their own
+/// mark and timeout (the HBONE pool).
+pub async fn connect_from(
+    from: &LocalPod,
+    addr: SocketAddr,
+    mark: u32,
+    timeout: std::time::Duration,
+) -> Result<TcpStream, ProxyError> {
     let to_itself = from.pod.ips.contains(&addr.ip());
     let socket = from
         .netns
-        .socket(addr, shared.socket_mark, to_itself)
+        .socket(addr, mark, to_itself)
         .map_err(|source| ProxyError::Socket {
             pod: from.pod.key().to_string(),
             source,
         })?;
-    match tokio::time::timeout(shared.connect_timeout, socket.connect(addr)).await {
+    match tokio::time::timeout(timeout, socket.connect(addr)).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(source)) => Err(ProxyError::Connect { addr, source }),
         Err(_) => Err(ProxyError::ConnectTimeout {
             addr,
-            secs: shared.connect_timeout.as_secs(),
+            secs: timeout.as_secs(),
         }),
     }
 }

@@ -204,20 +204,12 @@ impl Pool {
         dst: SocketAddr,
         expected: &Identity,
     ) -> Result<SendRequest<Bytes>, ProxyError> {
-        let socket = src
-            .netns
-            .socket(dst, self.socket_mark, false)
-            .map_err(|source| ProxyError::Socket {
-                pod: src.pod.key().to_string(),
-                source,
+        let tcp = super::connect_from(src, dst, self.socket_mark, self.connect_timeout)
+            .await
+            .map_err(|e| match e {
+                ProxyError::ConnectTimeout { addr, .. } => ProxyError::HboneTimeout { addr },
+                other => other,
             })?;
-        let tcp = match tokio::time::timeout(self.connect_timeout, socket.connect(dst)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => return Err(ProxyError::Connect { addr: dst, source }),
-            Err(_) => {
-                return Err(ProxyError::HboneTimeout { addr: dst });
-            }
-        };
         let config = self
             .certs
             .client_config(&src.identity, expected.clone())
