@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::debug;
 
-use crate::{config::Config, metrics::Metrics, proxy::outbound::Shared, readiness::Readiness};
+use crate::{config::Config, metrics::MetricsRegistry, proxy::ProxyInputs, readiness::Readiness};
 
 const OPENMETRICS: &str = "application/openmetrics-text;charset=utf-8;version=1.0.0";
 const TEXT: &str = "text/plain; charset=utf-8";
@@ -24,18 +24,16 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 pub type ConfigDump = Box<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 pub struct Admin {
-    metrics: Arc<Metrics>,
+    metrics: Arc<MetricsRegistry>,
     readiness: Readiness,
     config_dump: OnceLock<ConfigDump>,
+    address: std::net::SocketAddr,
 }
 
 impl Admin {
-    pub fn new(metrics: Arc<Metrics>, readiness: Readiness) -> Arc<Self> {
-        Arc::new(Self {
-            metrics,
-            readiness,
-            config_dump: OnceLock::new(),
-        })
+    /// Where it listens.
+    pub fn address(&self) -> std::net::SocketAddr {
+        self.address
     }
 
     /// Set once the state it shows exists; until then `/config_dump` is 503.
@@ -153,14 +151,20 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
 /// Binds `address` and serves there until the process ends.
 pub async fn start(
     address: std::net::SocketAddr,
-    metrics: Arc<Metrics>,
+    metrics: Arc<MetricsRegistry>,
     readiness: Readiness,
 ) -> anyhow::Result<Arc<Admin>> {
     use anyhow::Context as _;
     let listener = TcpListener::bind(address)
         .await
         .with_context(|| format!("admin server on {address} (adminAddress)"))?;
-    let admin = Admin::new(metrics, readiness);
+    let address = listener.local_addr()?;
+    let admin = Arc::new(Admin {
+        metrics,
+        readiness,
+        config_dump: OnceLock::new(),
+        address,
+    });
     tokio::spawn(serve(admin.clone(), listener));
     tracing::info!(%address, "admin server listening");
     Ok(admin)
@@ -168,22 +172,25 @@ pub async fn start(
 
 /// The effective config, the local workloads, the policies in force and the
 /// certificates' subjects and expiry: state, never key material.
-pub fn config_dump(config: Config, shared: Arc<Shared>) -> ConfigDump {
+pub fn config_dump(config: Config, inputs: Arc<ProxyInputs>) -> ConfigDump {
     Box::new(move || {
-        let workloads = shared.workloads.borrow().clone();
-        let local: Vec<serde_json::Value> = workloads
+        let workloads = &inputs.workloads;
+        let mut local: Vec<serde_json::Value> = workloads
             .local_pods()
+            .iter()
             .map(|p| {
                 serde_json::json!({
                     "pod": p.key().to_string(),
-                    "identity": shared.identity_of(p).to_string(),
+                    "identity": inputs.identity_of(p).to_string(),
                     "ips": p.ips,
                     "labels": p.labels,
                 })
             })
             .collect();
-        let mut certificates: Vec<serde_json::Value> = shared
-            .certs
+        local.sort_by(|a, b| a["pod"].as_str().cmp(&b["pod"].as_str()));
+        let mut certificates: Vec<serde_json::Value> = inputs
+            .tls
+            .certs()
             .expiries()
             .into_iter()
             .map(|(identity, left)| {
@@ -196,15 +203,21 @@ pub fn config_dump(config: Config, shared: Arc<Shared>) -> ConfigDump {
         certificates.sort_by(|a, b| a["identity"].as_str().cmp(&b["identity"].as_str()));
         serde_json::json!({
             "config": config,
-            "node": workloads.node,
+            "node": workloads.node(),
             "localWorkloads": local,
-            "enrolledNetns": shared.kernel.enrolled_cookies().len(),
+            "workloadState": {
+                "generation": workloads.generation(),
+                "pods": workloads.pods().len(),
+                "services": workloads.services().len(),
+            },
+            "enrolledNetns": inputs.datapath.enrolled_cookies().len(),
             "policies": {
-                "generation": shared.policies.generation(),
-                "authorization": shared.policies.names(),
-                "peer_authentication": shared.policies.peer_authentication_names(),
+                "generation": inputs.policies.generation(),
+                "authorization": inputs.policies.names(),
+                "peer_authentication": inputs.policies.peer_authentication_names(),
             },
             "certificates": certificates,
+            "endpoints": inputs.balancer.dump(),
         })
     })
 }

@@ -1,403 +1,265 @@
-//! Composition: kernel programs, workload source, enrolment, proxy, drain.
-use std::{
-    collections::{HashMap, HashSet},
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::AsFd,
-    sync::Arc,
-    time::Duration,
-};
+//! Composition: [`build`] checks the files, attaches the kernel programs,
+//! starts the servers, sources and watchers and enrols the local pods, and
+//! returns the running agent ([`Bound`]); [`Bound::wait_termination`] keeps
+//! enrolment in line with the workload state until shutdown, then drains.
+//! (ztunnel's `build_with_cert` and `Bound::wait_termination`.)
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use nodemesh_common::{
-    ENROLLED_FLAG_SOCKMAP, EnrolledPod, INBOUND_CAPTURE_PORT, OUTBOUND_PORT, user::netns_cookie,
-};
-use tokio::{signal::unix::SignalKind, task::JoinSet};
+use tokio::signal::unix::SignalKind;
 use tracing::{error, info, warn};
 
 use crate::{
-    access_log::AccessLog,
-    admin,
+    admin::{self, Admin},
     config::Config,
+    datapath::{Datapath, PodNetworks},
     drain::Drain,
     ebpf::{Kernel, Settings},
-    fswatch,
-    identity::{CertStore, FileCa, store::read_bundle},
-    inpod::{self, PodNetns},
-    metrics::Metrics,
-    policy::PolicyStore,
+    enrolment::{Enrolment, EnrolmentMetrics},
+    fswatch::{self, ReloadMetrics},
+    identity::{CertManager, CertificateAuthority, FileCa},
+    inpod::{self, NetnsPaths},
+    metrics::MetricsRegistry,
+    policy::{PolicyMetrics, PolicyStore},
     proxy::{
-        self, capture,
-        inbound::{self, HBONE_PORT},
-        outbound::{self, LocalPod, Shared},
+        ProxyConfig, ProxyInputs, access_log::AccessLog, balance::Balancer, metrics::ProxyMetrics,
         pool::Pool,
     },
-    readiness::{Pending, Readiness},
-    state::{FileWorkloadSource, Pod, PodKey, WorkloadSource as _, Workloads},
-    tls::TrustBundle,
+    readiness::Readiness,
+    state::{FileWorkloadSource, StateMetrics, WorkloadStore, WorkloadsFile},
+    tls::{TlsContext, TrustBundle, read_bundle},
 };
 
 /// How often enrolment is retried for pods that failed (netns not there yet).
 const RETRY: Duration = Duration::from_secs(2);
 
+/// Parts that replace the node's own: the in-process tests run the agent
+/// with `datapath::loopback` instead of the kernel programs and netns.
+#[derive(Default)]
+pub struct Components {
+    /// Default: the eBPF programs, attached to `cgroupPath`.
+    pub datapath: Option<Arc<dyn Datapath>>,
+    /// Default: each local pod's netns path.
+    pub networks: Option<Arc<dyn PodNetworks>>,
+    /// Default: the file CA of `caCertFile` / `caKeyFile`.
+    pub ca: Option<Arc<dyn CertificateAuthority>>,
+}
+
+/// A running agent.
+pub struct Bound {
+    config: Config,
+    inputs: Arc<ProxyInputs>,
+    admin: Arc<Admin>,
+    enrolment: Enrolment,
+    // Dropping these stops their watches.
+    _workload_source: FileWorkloadSource,
+    _watches: Vec<fswatch::Watch>,
+}
+
+/// Runs the agent until SIGTERM or Ctrl-C.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    let bound = build(config, Components::default()).await?;
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    bound
+        .wait_termination(async move {
+            tokio::select! {
+                _ = sigterm.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        })
+        .await
+}
+
+pub async fn build(config: Config, components: Components) -> anyhow::Result<Bound> {
     inpod::remember_agent_netns().context("reading the agent's own netns")?;
     raise_fd_limit();
     // First, so readiness is observable while the rest starts.
-    let metrics = Metrics::new();
+    let registry = MetricsRegistry::new();
     let readiness = Readiness::default();
     let attached = readiness.pending("programs attached");
     let policy_loaded = readiness.pending("policy set loaded");
     let certificates = readiness.pending("local workload certificates issued");
-    let admin = admin::start(config.admin_address, metrics.clone(), readiness).await?;
-    let source = FileWorkloadSource::start(&config.workloads_file)?;
-    let mut workloads = source.subscribe();
+    let admin = admin::start(config.admin_address, registry.clone(), readiness).await?;
+
     // Everything that can be wrong in files is checked before the kernel is
     // touched.
-    let ca = FileCa::load(&config.ca_cert_file, &config.ca_key_file)?;
+    let workloads_file = WorkloadsFile::read(&config.workloads_file)?;
+    let (ca, issuer_root): (Arc<dyn CertificateAuthority>, _) = match components.ca {
+        Some(ca) => (ca, None),
+        None => {
+            let ca = FileCa::load(
+                &config.ca_cert_file,
+                &config.ca_key_file,
+                config.cert_lifetime(),
+            )?;
+            let root = ca.root().clone();
+            (Arc::new(ca), Some(root))
+        }
+    };
     let bundle_path = config.trust_bundle_file().to_owned();
     let roots = read_bundle(&bundle_path)?;
     let bundle = Arc::new(
         TrustBundle::new(&roots)
             .with_context(|| format!("trust bundle {}", bundle_path.display()))?,
     );
-    let certs = Arc::new(CertStore::new(Arc::new(ca), bundle, config.cert_lifetime()));
+    let certs = CertManager::new(ca);
+    registry.own(|r| certs.register_metrics(r));
+    let tls = TlsContext::new(certs.clone(), bundle, issuer_root);
+    tls.check_roots(&bundle_path, &roots);
     // Policy: an invalid set at start-up stops the agent (there is no last
     // good set to keep, and starting with none would allow what it denies).
-    let policies = Arc::new(PolicyStore::new(&config.root_namespace));
-    if let Some(dir) = &config.policy_dir {
-        let applied = policies.reload(dir);
-        metrics.policy_reload(applied, policies.generation());
-        if !applied {
-            anyhow::bail!("the policy set in {} is invalid (see above)", dir.display());
-        }
+    let policies = Arc::new(PolicyStore::new(
+        &config.root_namespace,
+        registry.own(PolicyMetrics::new),
+    ));
+    if let Some(dir) = &config.policy_dir
+        && !policies.reload(dir)
+    {
+        anyhow::bail!("the policy set in {} is invalid (see above)", dir.display());
     }
     policy_loaded.done();
 
-    let kernel = Arc::new(Kernel::install(&Settings {
-        bpffs_dir: &config.bpffs_dir,
-        cgroup_path: &config.cgroup_path,
-        socket_mark: config.socket_mark,
-        sockmap: config.sockmap,
-        ebpf_log: config.ebpf_log,
-    })?);
+    let datapath: Arc<dyn Datapath> = match components.datapath {
+        Some(d) => d,
+        None => {
+            let kernel = Arc::new(Kernel::install(&Settings {
+                bpffs_dir: &config.bpffs_dir,
+                cgroup_path: &config.cgroup_path,
+                socket_mark: config.socket_mark,
+                sockmap: config.sockmap,
+                ebpf_log: config.ebpf_log,
+            })?);
+            registry.own(|r| kernel.register_metrics(r));
+            if let Some(logger) = kernel.take_logger() {
+                tokio::spawn(drain_ebpf_log(logger));
+            }
+            kernel
+        }
+    };
     attached.done();
-    if let Some(logger) = kernel.take_logger() {
-        tokio::spawn(drain_ebpf_log(logger));
-    }
     let access_log = match &config.access_log {
-        Some(path) => AccessLog::open(path, config.access_log_format)
+        Some(path) => AccessLog::open(path, config.access_log_format, config.access_log_max_bytes)
             .with_context(|| format!("opening the access log {}", path.display()))?,
         None => AccessLog::disabled(),
     };
-    let pool = Pool::new(certs.clone(), config.socket_mark, config.connect_timeout());
-    let drain = Drain::default();
-    let shared = Arc::new(Shared {
-        kernel: kernel.clone(),
-        workloads: workloads.clone(),
-        access_log,
-        drain: drain.clone(),
-        socket_mark: config.socket_mark,
-        sockmap: config.sockmap,
-        connect_timeout: config.connect_timeout(),
-        trust_domain: config.trust_domain.clone(),
-        certs: certs.clone(),
+    let workloads = Arc::new(WorkloadStore::new(
+        &workloads_file.node,
+        registry.own(StateMetrics::new),
+    ));
+    let reloads = registry.own(ReloadMetrics::new);
+    let workload_source =
+        FileWorkloadSource::start(&workloads_file, workloads.clone(), reloads.clone())
+            .map_err(anyhow::Error::msg)?;
+    let pool = Pool::new(tls.clone(), config.socket_mark, config.connect_timeout());
+    registry.own(|r| pool.register_metrics(r));
+    let inputs = Arc::new(ProxyInputs {
+        config: ProxyConfig::from_config(&config),
+        datapath,
+        workloads,
+        balancer: Balancer::new(),
+        tls: tls.clone(),
         pool,
         policies: policies.clone(),
-        inbound_exempt_sources: config.inbound_exempt_sources(),
+        access_log,
+        metrics: ProxyMetrics::new(&registry),
+        drain: Drain::default(),
         local_pods: Default::default(),
-        metrics: metrics.clone(),
     });
-    metrics.scrape_from(kernel.clone(), certs.clone(), shared.pool.clone());
-    admin.set_config_dump(admin::config_dump(config.clone(), shared.clone()));
-    let _policy_watch = match &config.policy_dir {
-        Some(dir) => {
-            let (store, d, metrics) = (policies.clone(), dir.clone(), metrics.clone());
-            let yaml = |n: &std::ffi::OsStr| {
-                n.to_str()
-                    .is_some_and(|n| n.ends_with(".yaml") || n.ends_with(".yml"))
-            };
-            Some(fswatch::watch(dir, yaml, move || {
-                let applied = store.reload(&d);
-                metrics.policy_reload(applied, store.generation());
-            })?)
-        }
-        None => None,
-    };
-    let _bundle_watch = watch_trust_bundle(certs.clone(), &bundle_path)?;
-    tokio::spawn(renew_certificates(certs.clone()));
+    admin.set_config_dump(admin::config_dump(config.clone(), inputs.clone()));
+    let mut watches = Vec::new();
+    if let Some(dir) = &config.policy_dir {
+        let (store, d) = (policies.clone(), dir.clone());
+        let yaml = |n: &std::ffi::OsStr| {
+            n.to_str()
+                .is_some_and(|n| n.ends_with(".yaml") || n.ends_with(".yml"))
+        };
+        watches.push(fswatch::watch(dir, yaml, move || {
+            store.reload(&d);
+        }));
+    }
+    watches.push(watch_trust_bundle(tls.clone(), &bundle_path, reloads));
+    tokio::spawn(renew_certificates(certs));
 
-    let mut enrolment = Enrolment::new(shared.clone(), certificates);
-    let snapshot = workloads.borrow_and_update().clone();
-    enrolment.reconcile(&snapshot);
-    let mut stale_removed = enrolment.remove_stale();
+    let networks = components.networks.unwrap_or_else(|| Arc::new(NetnsPaths));
+    let mut enrolment = Enrolment::new(
+        inputs.clone(),
+        networks,
+        registry.own(EnrolmentMetrics::new),
+        certificates,
+    );
+    enrolment.reconcile().await;
     info!(
-        node = %snapshot.node,
-        enrolled = enrolment.pods.len(),
+        node = %inputs.workloads.node(),
+        enrolled = enrolment.enrolled(),
+        admin = %admin.address(),
         "nodemesh agent ready"
     );
+    Ok(Bound {
+        config,
+        inputs,
+        admin,
+        enrolment,
+        _workload_source: workload_source,
+        _watches: watches,
+    })
+}
 
-    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
-    let mut retry = tokio::time::interval(RETRY);
-    loop {
-        tokio::select! {
-            changed = workloads.changed() => {
-                if changed.is_err() { break; }
-                let snapshot = workloads.borrow_and_update().clone();
-                enrolment.reconcile(&snapshot);
-            }
-            _ = retry.tick() => {
-                if enrolment.has_failures() {
-                    let snapshot = workloads.borrow().clone();
-                    enrolment.reconcile(&snapshot);
-                }
-                if !stale_removed {
-                    stale_removed = enrolment.remove_stale();
-                }
-            }
-            _ = sigterm.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
-        }
+impl Bound {
+    pub fn inputs(&self) -> &Arc<ProxyInputs> {
+        &self.inputs
     }
 
-    info!(
-        active = drain.active(),
-        limit_s = config.drain_timeout_seconds,
-        "draining: no new connections accepted"
-    );
-    enrolment.stop_listening();
-    let left = drain.drain(config.drain_timeout()).await;
-    if left > 0 {
-        warn!(
-            left,
-            "drain deadline reached; closing remaining connections"
+    /// Where the admin server listens (its port when configured as 0).
+    pub fn admin_address(&self) -> SocketAddr {
+        self.admin.address()
+    }
+
+    /// Keeps enrolment in line with the workload state until `shutdown`
+    /// resolves; then stops accepting, lets open connections finish for
+    /// `drainTimeoutSeconds` and flushes the access log.
+    pub async fn wait_termination(
+        mut self,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let mut changes = self.inputs.workloads.subscribe();
+        let mut retry = tokio::time::interval(RETRY);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() { break; }
+                    self.enrolment.reconcile().await;
+                    let workloads = self.inputs.workloads.clone();
+                    let services: std::collections::HashSet<_> =
+                        workloads.services().iter().map(|s| s.key()).collect();
+                    self.inputs.balancer.retain(|k| services.contains(k));
+                }
+                _ = retry.tick() => {
+                    if self.enrolment.has_failures() {
+                        self.enrolment.reconcile().await;
+                    }
+                }
+                () = &mut shutdown => break,
+            }
+        }
+        let drain = self.inputs.drain.clone();
+        info!(
+            active = drain.active(),
+            limit_s = self.config.drain_timeout_seconds,
+            "draining: no new connections accepted"
         );
-    } else {
-        info!("drained");
-    }
-    shared.access_log.flush(Duration::from_secs(2));
-    Ok(())
-}
-
-struct EnrolledState {
-    local: Arc<LocalPod>,
-    listeners: JoinSet<()>,
-}
-
-struct Enrolment {
-    shared: Arc<Shared>,
-    /// Done once every local pod is enrolled (with its certificate).
-    certificates: Option<Pending>,
-    pods: HashMap<PodKey, EnrolledState>,
-    ids: HashMap<PodKey, u32>,
-    next_id: u32,
-    failed: HashSet<PodKey>,
-}
-
-impl Enrolment {
-    fn new(shared: Arc<Shared>, certificates: Pending) -> Self {
-        Self {
-            shared,
-            certificates: Some(certificates),
-            pods: HashMap::new(),
-            ids: HashMap::new(),
-            next_id: 1,
-            failed: HashSet::new(),
-        }
-    }
-
-    fn has_failures(&self) -> bool {
-        !self.failed.is_empty()
-    }
-
-    fn id_for(&mut self, key: &PodKey) -> u32 {
-        if let Some(id) = self.ids.get(key) {
-            return *id;
-        }
-        let id = self.next_id;
-        self.next_id += 1;
-        self.ids.insert(key.clone(), id);
-        id
-    }
-
-    /// Brings enrolment in line with the snapshot: new local pods get
-    /// listeners and a map entry, removed ones lose both. A changed pod is
-    /// enrolled anew *before* its old state goes (listeners share the port
-    /// through SO_REUSEPORT), so its traffic never bypasses the mesh.
-    fn reconcile(&mut self, workloads: &Workloads) {
-        let desired: HashMap<PodKey, &Pod> = workloads.local_pods().map(|p| (p.key(), p)).collect();
-        let removed: Vec<PodKey> = self
-            .pods
-            .keys()
-            .filter(|k| !desired.contains_key(*k))
-            .cloned()
-            .collect();
-        for key in removed {
-            if let Some(mut st) = self.pods.remove(&key) {
-                self.shared.kernel.unenrol(st.local.netns_cookie);
-                st.listeners.abort_all();
-                info!(pod = %key, "unenrolled");
-            }
-        }
-        self.failed.retain(|k| desired.contains_key(k));
-        self.forget_unused_identities(&desired);
-        for (key, pod) in desired {
-            if self.pods.get(&key).is_some_and(|st| st.local.pod == *pod) {
-                continue;
-            }
-            match self.enrol(pod) {
-                Ok(st) => {
-                    info!(
-                        pod = %key,
-                        netns = %st.local.netns.path().display(),
-                        netns_cookie = st.local.netns_cookie,
-                        "enrolled"
-                    );
-                    self.failed.remove(&key);
-                    let new_cookie = st.local.netns_cookie;
-                    if let Some(mut old) = self.pods.insert(key, st) {
-                        old.listeners.abort_all();
-                        // A new netns (the pod was recreated): the old one's
-                        // entry goes; the same netns was just overwritten.
-                        if old.local.netns_cookie != new_cookie {
-                            self.shared.kernel.unenrol(old.local.netns_cookie);
-                        }
-                    }
-                }
-                Err(e) => {
-                    if self.failed.insert(key.clone()) {
-                        error!(pod = %key, "enrolment failed (retrying): {e:#}");
-                    }
-                }
-            }
-        }
-        let local: HashMap<PodKey, Arc<LocalPod>> = self
-            .pods
-            .iter()
-            .map(|(k, st)| (k.clone(), st.local.clone()))
-            .collect();
-        self.shared.local_pods.store(Arc::new(local));
-        self.shared.metrics.set_enrolled_pods(self.pods.len());
-        if self.failed.is_empty()
-            && let Some(pending) = self.certificates.take()
-        {
-            pending.done();
-        }
-    }
-
-    fn enrol(&mut self, pod: &Pod) -> anyhow::Result<EnrolledState> {
-        let netns_path = pod
-            .netns
-            .as_ref()
-            .context("local pod without a netns path")?;
-        let netns = PodNetns::open(netns_path)?;
-        // Listeners first: a map entry without a listener would refuse the
-        // pod's connections.
-        let v4 = netns
-            .listen(SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)))
-            .with_context(|| format!("outbound listener 127.0.0.1:{OUTBOUND_PORT}"))?;
-        let v6 = match netns.listen(SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT))) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                warn!(pod = %pod.key(), "no IPv6 outbound listener (IPv6 off in the pod?): {e}");
-                None
-            }
-        };
-        // HBONE: peers' agents connect to <pod IP>:15008.
-        let hbone_v4 = netns
-            .listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, HBONE_PORT)))
-            .with_context(|| format!("HBONE listener 0.0.0.0:{HBONE_PORT}"))?;
-        let hbone_v6 = netns
-            .listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, HBONE_PORT)))
-            .ok();
-        // Plaintext inbound, steered here by the sk_lookup program.
-        let capture = netns
-            .listen_any(INBOUND_CAPTURE_PORT)
-            .with_context(|| format!("inbound capture listener port {INBOUND_CAPTURE_PORT}"))?;
-        for ip in &pod.ips {
-            self.shared
-                .kernel
-                .add_capture_listener(*ip, &capture)
-                .with_context(|| format!("capture map entry for {ip}"))?;
-        }
-        let cookie = netns_cookie(v4.as_fd()).context("SO_NETNS_COOKIE (Linux 5.14+)")?;
-        let identity = self.shared.identity_of(pod);
-        // Issued now, so the first handshake does not wait for it.
-        self.shared.certs.get(&identity)?;
-        let workload_id = self.id_for(&pod.key());
-        let local = Arc::new(LocalPod {
-            pod: pod.clone(),
-            identity,
-            workload_id,
-            netns_cookie: cookie,
-            netns,
-        });
-        let mut listeners = JoinSet::new();
-        for l in std::iter::once(v4).chain(v6) {
-            let (shared, local) = (self.shared.clone(), local.clone());
-            listeners.spawn(proxy::accept_loop(shared, local, l, outbound::serve));
-        }
-        for l in std::iter::once(hbone_v4).chain(hbone_v6) {
-            let (shared, local) = (self.shared.clone(), local.clone());
-            listeners.spawn(proxy::accept_loop(shared, local, l, inbound::serve));
-        }
-        listeners.spawn(proxy::accept_loop(
-            self.shared.clone(),
-            local.clone(),
-            capture,
-            capture::serve,
-        ));
-        let flags = if self.shared.sockmap {
-            ENROLLED_FLAG_SOCKMAP
+        self.enrolment.stop_listening();
+        let left = drain.drain(self.config.drain_timeout()).await;
+        if left > 0 {
+            warn!(
+                left,
+                "drain deadline reached; closing remaining connections"
+            );
         } else {
-            0
-        };
-        // Capture first: a failure here leaves no map entry behind.
-        self.shared
-            .kernel
-            .attach_capture(&local.netns, cookie)
-            .context("attaching inbound capture (sk_lookup) to the pod's netns")?;
-        self.shared
-            .kernel
-            .enrol(cookie, EnrolledPod { workload_id, flags })?;
-        Ok(EnrolledState { local, listeners })
-    }
-
-    /// Removes what a previous agent left for pods that are gone (map
-    /// entries, capture links); true once done. Not while any local pod
-    /// failed to enrol: its netns cookie is unknown, and removing its old
-    /// entries would drop the protection a previous agent set up for it.
-    fn remove_stale(&self) -> bool {
-        if self.has_failures() {
-            return false;
+            info!("drained");
         }
-        let current: HashSet<u64> = self.pods.values().map(|p| p.local.netns_cookie).collect();
-        let kernel = &self.shared.kernel;
-        for cookie in kernel.enrolled_cookies() {
-            if !current.contains(&cookie) {
-                kernel.unenrol(cookie);
-                info!(netns_cookie = cookie, "removed a stale enrolment");
-            }
-        }
-        true
-    }
-
-    /// Certificates of identities no local pod runs as any more.
-    fn forget_unused_identities(&self, desired: &HashMap<PodKey, &Pod>) {
-        let wanted: HashSet<_> = desired
-            .values()
-            .map(|p| self.shared.identity_of(p))
-            .collect();
-        for st in self.pods.values() {
-            if !wanted.contains(&st.local.identity) {
-                self.shared.certs.forget(&st.local.identity);
-            }
-        }
-    }
-
-    fn stop_listening(&mut self) {
-        for st in self.pods.values_mut() {
-            st.listeners.abort_all();
-        }
+        self.inputs.access_log.flush(Duration::from_secs(2));
+        Ok(())
     }
 }
 
@@ -413,21 +275,21 @@ async fn drain_ebpf_log(mut logger: crate::ebpf::EbpfLogger) {
 
 /// Renews certificates at half-life; checked every second, so short test
 /// lifetimes work too.
-async fn renew_certificates(certs: Arc<CertStore>) {
+async fn renew_certificates(certs: Arc<CertManager>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let certs = certs.clone();
-        let _ = tokio::task::spawn_blocking(move || certs.renew_due()).await;
+        certs.renew_due().await;
     }
 }
 
 /// Reloads the trust bundle when its file changes (old and new roots can be
 /// listed together during a rotation). A bad file keeps the old roots.
 fn watch_trust_bundle(
-    certs: Arc<CertStore>,
+    tls: Arc<TlsContext>,
     path: &std::path::Path,
-) -> anyhow::Result<notify::RecommendedWatcher> {
+    reloads: ReloadMetrics,
+) -> fswatch::Watch {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -435,14 +297,20 @@ fn watch_trust_bundle(
         .to_owned();
     let name = path.file_name().map(|n| n.to_owned());
     let path = path.to_owned();
-    Ok(fswatch::watch(
+    fswatch::watch(
         &dir,
         move |n| Some(n) == name.as_deref(),
-        move || match certs.reload_bundle(&path) {
-            Ok(n) => info!(roots = n, file = %path.display(), "trust bundle reloaded"),
-            Err(e) => error!("trust bundle rejected, keeping the previous roots: {e}"),
+        move || match tls.reload_bundle(&path) {
+            Ok(n) => {
+                info!(roots = n, file = %path.display(), "trust bundle reloaded");
+                reloads.record("trust_bundle", "applied");
+            }
+            Err(e) => {
+                error!("trust bundle rejected, keeping the previous roots: {e}");
+                reloads.record("trust_bundle", "rejected");
+            }
         },
-    )?)
+    )
 }
 
 fn raise_fd_limit() {

@@ -26,7 +26,8 @@ pub struct Config {
     /// How long open connections may finish after SIGTERM.
     #[serde(default = "default_drain_seconds")]
     pub drain_timeout_seconds: u64,
-    /// How long a connect to the original destination may take.
+    /// How long establishing a connection may take: the TCP connect, and
+    /// for HBONE the TLS handshake.
     #[serde(default = "default_connect_seconds")]
     pub connect_timeout_seconds: u64,
     /// The mesh's trust domain: identities are spiffe://<trustDomain>/ns/../sa/..
@@ -65,6 +66,10 @@ pub struct Config {
     /// `json` (one object per line) or `text` (`key=value` pairs).
     #[serde(default)]
     pub access_log_format: AccessLogFormat,
+    /// Past this size the access log is moved to `<accessLog>.1` (the one
+    /// before is dropped) and a new one started.
+    #[serde(default = "default_access_log_max_bytes")]
+    pub access_log_max_bytes: u64,
     /// The admin server: `/metrics`, `/healthz/ready`, `/healthz/live`,
     /// `/config_dump` (all read-only). Prometheus must reach it.
     #[serde(default = "default_admin_address")]
@@ -95,6 +100,9 @@ pub enum EbpfLog {
 
 fn default_admin_address() -> std::net::SocketAddr {
     ([127, 0, 0, 1], 15020).into()
+}
+fn default_access_log_max_bytes() -> u64 {
+    100 * 1024 * 1024
 }
 fn default_bpffs_dir() -> PathBuf {
     PathBuf::from("/sys/fs/bpf/nodemesh")

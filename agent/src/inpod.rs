@@ -7,13 +7,20 @@
 use std::{
     fs::File,
     io,
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd, BorrowedFd},
     path::{Path, PathBuf},
-    sync::OnceLock,
+    sync::{Arc, OnceLock},
 };
 
 use nix::sched::{CloneFlags, setns};
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket};
+
+use crate::{
+    datapath::{INBOUND_SOURCE_V4, PodNetwork, PodNetworks},
+    state::Pod,
+};
 
 /// The agent's own netns, opened once at start-up from the main thread.
 static AGENT_NETNS: OnceLock<File> = OnceLock::new();
@@ -32,12 +39,6 @@ pub struct PodNetns {
     path: PathBuf,
 }
 
-impl std::os::fd::AsFd for PodNetns {
-    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.file.as_fd()
-    }
-}
-
 impl PodNetns {
     pub fn open(path: &Path) -> io::Result<Self> {
         let file = File::open(path)
@@ -46,29 +47,6 @@ impl PodNetns {
             file,
             path: path.to_owned(),
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// A listener on `port` for both families: dual-stack `[::]`, or
-    /// `0.0.0.0` where the pod has IPv6 off.
-    pub fn listen_any(&self, port: u16) -> io::Result<tokio::net::TcpListener> {
-        let socket = self.run(|| {
-            listening_socket(
-                SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)),
-                false,
-            )
-            .or_else(|_| {
-                listening_socket(
-                    SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)),
-                    false,
-                )
-            })
-        })?;
-        socket.set_nonblocking(true)?;
-        tokio::net::TcpListener::from_std(socket.into())
     }
 
     /// Runs `f` with this thread in the pod's netns. `f` must not block or
@@ -89,25 +67,43 @@ impl PodNetns {
         }
         result
     }
+}
 
-    /// A listening socket on `addr` inside the pod (IPv6: v6 only).
-    pub fn listen(&self, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
-        let socket = self.run(|| listening_socket(addr, true))?;
-        socket.set_nonblocking(true)?;
-        tokio::net::TcpListener::from_std(socket.into())
+impl PodNetwork for PodNetns {
+    fn cookie(&self) -> io::Result<u64> {
+        // A socket made in the netns has the netns's cookie.
+        let s = self.run(|| Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)))?;
+        nodemesh_common::user::netns_cookie(s.as_fd())
+            .map_err(|e| io::Error::new(e.kind(), format!("SO_NETNS_COOKIE (Linux 5.14+): {e}")))
     }
 
-    /// An unconnected TCP socket inside the pod, carrying the agent's mark
-    /// so the kernel programs leave it alone.
-    /// `from_loopback`: the source is a loopback address (`127.0.0.6`,
-    /// `::1`), for connections to the pod's own addresses; the port is
-    /// chosen at connect time, per 4-tuple.
-    pub fn socket(
-        &self,
-        peer: SocketAddr,
-        mark: u32,
-        from_loopback: bool,
-    ) -> io::Result<tokio::net::TcpSocket> {
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn namespace_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.file.as_fd())
+    }
+
+    fn listen(&self, addr: SocketAddr) -> io::Result<TcpListener> {
+        let socket = self.run(|| listening_socket(addr, true))?;
+        socket.set_nonblocking(true)?;
+        TcpListener::from_std(socket.into())
+    }
+
+    /// Dual-stack `[::]`, or `0.0.0.0` where the pod has IPv6 off.
+    fn listen_any(&self, port: u16) -> io::Result<TcpListener> {
+        let socket = self.run(|| {
+            listening_socket(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), false).or_else(|_| {
+                listening_socket(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), false)
+            })
+        })?;
+        socket.set_nonblocking(true)?;
+        TcpListener::from_std(socket.into())
+    }
+
+    /// The port of a loopback source is chosen at connect time, per 4-tuple.
+    fn socket(&self, peer: SocketAddr, mark: u32, from_loopback: bool) -> io::Result<TcpSocket> {
         let socket =
             self.run(|| Socket::new(Domain::for_address(peer), Type::STREAM, Some(Protocol::TCP)))?;
         socket.set_mark(mark)?;
@@ -118,23 +114,31 @@ impl PodNetns {
                 &true,
             )
             .map_err(io::Error::from)?;
-            let source: std::net::IpAddr = if peer.is_ipv4() {
+            let source: IpAddr = if peer.is_ipv4() {
                 INBOUND_SOURCE_V4.into()
             } else {
-                std::net::Ipv6Addr::LOCALHOST.into()
+                Ipv6Addr::LOCALHOST.into()
             };
             socket.bind(&SocketAddr::new(source, 0).into())?;
         }
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
-        Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+        Ok(TcpSocket::from_std_stream(socket.into()))
     }
 }
 
-/// The source of the agent's connections to its pod's apps (as Istio's
-/// sidecars use): a loopback address, so nothing outside the pod can send
-/// from it, and the kernel reuses its TIME_WAIT ports after a second.
-pub const INBOUND_SOURCE_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
+/// Opens local pods' namespaces by the netns path their source gave.
+#[derive(Default)]
+pub struct NetnsPaths;
+
+impl PodNetworks for NetnsPaths {
+    fn open(&self, pod: &Pod) -> io::Result<Arc<dyn PodNetwork>> {
+        let path = pod.netns.as_ref().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, "local pod without a netns path")
+        })?;
+        Ok(Arc::new(PodNetns::open(path)?))
+    }
+}
 
 /// A bound, listening socket in the calling thread's netns.
 fn listening_socket(addr: SocketAddr, v6_only: bool) -> io::Result<Socket> {

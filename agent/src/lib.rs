@@ -2,12 +2,14 @@
 //!
 //! `unsafe` is denied workspace-wide; the only exceptions are the eBPF crate
 //! and `nodemesh_common::user` (map types and one socket option).
-pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod datapath;
 pub mod drain;
 pub mod ebpf;
+pub mod enrolment;
+pub mod files;
 pub mod fswatch;
 pub mod identity;
 pub mod inpod;

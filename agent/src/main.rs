@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use nodemesh_agent::{app, config::Config, ebpf, state::Workloads};
+use nodemesh_agent::{app, config::Config, ebpf, state::WorkloadsFile};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -64,12 +64,15 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config } => {
             let config = Config::load(&config)?;
-            tokio::runtime::Builder::new_multi_thread()
+            let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(config.worker_threads)
                 .enable_all()
                 .build()
-                .context("starting the runtime")?
-                .block_on(app::run(config))
+                .context("starting the runtime")?;
+            let result = runtime.block_on(app::run(config));
+            // Never wait on a blocking task (a reader) at exit.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            result
         }
         Command::Validate {
             config,
@@ -81,14 +84,28 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(path) = config {
                 let config = Config::load(&path)?;
-                let w = Workloads::load(&config.workloads_file)?;
-                nodemesh_agent::identity::FileCa::load(&config.ca_cert_file, &config.ca_key_file)?;
-                nodemesh_agent::identity::store::read_bundle(config.trust_bundle_file())?;
+                let w = WorkloadsFile::read(&config.workloads_file)?;
+                for warning in &w.warnings {
+                    eprintln!("warning: {warning}");
+                }
+                let ca = nodemesh_agent::identity::FileCa::load(
+                    &config.ca_cert_file,
+                    &config.ca_key_file,
+                    config.cert_lifetime(),
+                )?;
+                let roots = nodemesh_agent::tls::read_bundle(config.trust_bundle_file())?;
+                if !roots.iter().any(|r| r.as_ref() == ca.root().as_ref()) {
+                    eprintln!(
+                        "warning: {}: the trust bundle does not hold the CA certificate {}: peers will refuse this agent's certificates",
+                        config.trust_bundle_file().display(),
+                        config.ca_cert_file.display()
+                    );
+                }
                 println!(
                     "ok: {} and {}: {} pods, {} local to {}",
                     path.display(),
                     config.workloads_file.display(),
-                    w.pods().len(),
+                    w.pods.len(),
                     w.local_pods().count(),
                     w.node
                 );

@@ -1,23 +1,21 @@
 //! Strict YAML reading with errors that name the file, line and column.
 //!
 //! serde-saphyr (not the archived serde_yaml): every error, duplicate keys
-//! included, carries a line, a column and a snippet of the input.
+//! included, carries a line, a column and a snippet of the input. Its
+//! budget bounds what one file may cost; the limits are the README's.
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 
-/// Files larger than this are refused before parsing.
-pub const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
+use crate::files::{self, FileError};
+
+/// Documents per policy file (serde-saphyr's default is 1,024).
+pub const MAX_DOCUMENTS: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum YamlError {
-    #[error("{path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: file is {size} bytes, more than the {MAX_FILE_BYTES}-byte limit")]
-    TooLarge { path: PathBuf, size: u64 },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{path}: {field}: {message}")]
@@ -28,52 +26,54 @@ pub enum YamlError {
     },
 }
 
-/// Reads a file that may hold several documents (`---`).
-pub fn read_documents<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>, YamlError> {
-    let text = read_text(path)?;
-    serde_saphyr::from_multiple(&text).map_err(|e| YamlError::Parse {
+/// How much parsing a file of `max_bytes` may cost: enough for any file of
+/// that size written by hand or generated, never unbounded.
+fn options(max_bytes: u64) -> serde_saphyr::Options {
+    let scale = (max_bytes / files::MAX_CONFIG_BYTES).max(1) as usize;
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_documents = MAX_DOCUMENTS;
+    budget.max_events = 1_000_000 * scale;
+    budget.max_nodes = 400_000 * scale;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
+}
+
+fn parse_error(path: &Path, e: serde_saphyr::Error) -> YamlError {
+    YamlError::Parse {
         path: path.to_owned(),
         message: e
             .to_string()
             .replace(", set DuplicateKeyPolicy in Options if acceptable", ""),
-    })
+    }
 }
 
+/// Reads a file that may hold several documents (`---`).
+pub fn read_documents<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>, YamlError> {
+    let text = files::read_text(path, files::MAX_CONFIG_BYTES)?;
+    parse_documents(path, &text)
+}
+
+pub fn parse_documents<T: DeserializeOwned>(path: &Path, text: &str) -> Result<Vec<T>, YamlError> {
+    serde_saphyr::from_multiple_with_options(text, options(files::MAX_CONFIG_BYTES))
+        .map_err(|e| parse_error(path, e))
+}
+
+/// Reads a one-document file of at most [`files::MAX_CONFIG_BYTES`].
 pub fn read_file<T: DeserializeOwned>(path: &Path) -> Result<T, YamlError> {
-    let text = read_text(path)?;
+    let text = files::read_text(path, files::MAX_CONFIG_BYTES)?;
     parse_str(path, &text)
 }
 
-/// The file as UTF-8, refused above the size limit.
-fn read_text(path: &Path) -> Result<String, YamlError> {
-    let meta = std::fs::metadata(path).map_err(|source| YamlError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    if meta.len() > MAX_FILE_BYTES {
-        return Err(YamlError::TooLarge {
-            path: path.to_owned(),
-            size: meta.len(),
-        });
-    }
-    let bytes = std::fs::read(path).map_err(|source| YamlError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    String::from_utf8(bytes).map_err(|e| YamlError::Parse {
-        path: path.to_owned(),
-        message: format!(
-            "not UTF-8 (invalid byte at offset {})",
-            e.utf8_error().valid_up_to()
-        ),
-    })
+pub fn parse_str<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, YamlError> {
+    parse_sized(path, text, files::MAX_CONFIG_BYTES)
 }
 
-pub fn parse_str<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, YamlError> {
-    serde_saphyr::from_str(text).map_err(|e| YamlError::Parse {
-        path: path.to_owned(),
-        message: e
-            .to_string()
-            .replace(", set DuplicateKeyPolicy in Options if acceptable", ""),
-    })
+/// One document from `text`, with the budget of a file of `max_bytes`.
+pub fn parse_sized<T: DeserializeOwned>(
+    path: &Path,
+    text: &str,
+    max_bytes: u64,
+) -> Result<T, YamlError> {
+    serde_saphyr::from_str_with_options(text, options(max_bytes)).map_err(|e| parse_error(path, e))
 }

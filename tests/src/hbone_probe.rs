@@ -8,9 +8,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use nodemesh_agent::identity::{
-    CertificateAuthority as _, FileCa, Identity, WorkloadCert, ca::new_root,
-};
+use nodemesh_agent::identity::{FileCa, Identity, WorkloadCert, ca::new_root};
 use rustls::{
     DigitallySignedStruct, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
@@ -149,11 +147,9 @@ pub async fn run(
                     &key_pem,
                     Path::new("other.pem"),
                     Path::new("other.key"),
-                )?;
-                Some(ca.issue(
-                    &Identity::new("cluster.local", "shop", "client"),
                     Duration::from_secs(3600),
-                )?)
+                )?;
+                Some(ca.sign(&Identity::new("cluster.local", "shop", "client"))?)
             } else {
                 None
             };
@@ -175,11 +171,8 @@ pub async fn run(
         abuse => {
             let (cert, key) =
                 ca.context("abuse modes need --ca-cert and --ca-key (a valid peer)")?;
-            let ca = FileCa::load(cert, key)?;
-            let cert = ca.issue(
-                &Identity::new("cluster.local", "shop", "client"),
-                Duration::from_secs(3600),
-            )?;
+            let ca = FileCa::load(cert, key, Duration::from_secs(3600))?;
+            let cert = ca.sign(&Identity::new("cluster.local", "shop", "client"))?;
             let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(Some(&cert))?));
             let tls = connector
                 .connect(ServerName::IpAddress(to.ip().into()), tcp)

@@ -1,9 +1,10 @@
 //! Developer and CI tasks: `cargo xtask setup|build|test|demo|bench`.
 //!
-//! Every command first runs `setup`, which is idempotent and cached: nightly
-//! rust-src, and bpf-linker built against rustc's own libLLVM (so the two use
-//! the same LLVM), installed under `$XDG_CACHE_HOME/nodemesh/tools`; and
-//! Debian's `prometheus` package (server and promtool) for the metrics test.
+//! Every command first makes the eBPF toolchain available (idempotent and
+//! cached): nightly rust-src, and bpf-linker built against rustc's own
+//! libLLVM (so the two use the same LLVM), installed under
+//! `$XDG_CACHE_HOME/nodemesh/tools`. `setup` and `test` also install the
+//! Debian packages the tests use (`prometheus`: server and promtool).
 #![forbid(unsafe_code)]
 
 use std::{
@@ -17,6 +18,8 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
+
+mod modcycles;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_MAJOR: &str = "22";
@@ -45,6 +48,11 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Import cycles between the modules of a crate's src/ (part of `test`).
+    Cycles {
+        #[arg(default_value = "agent/src")]
+        dir: PathBuf,
+    },
     /// Benchmarks on the virtual cluster: meshed vs direct TCP.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -56,8 +64,23 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root()?;
     let path = setup()?;
+    // Debian packages only where they are needed: the tests' Prometheus.
+    if matches!(cli.command, Cmd::Setup | Cmd::Test { .. }) {
+        install_prometheus()?;
+    }
     match cli.command {
         Cmd::Setup => Ok(()),
+        Cmd::Cycles { dir } => {
+            let found = modcycles::cycles(&root.join(dir))?;
+            for c in &found {
+                println!("{c}");
+            }
+            if found.is_empty() {
+                Ok(())
+            } else {
+                bail!("{} import cycles", found.len())
+            }
+        }
         Cmd::Build => build(&root, &path),
         Cmd::Test { args } => test(&root, &path, &args),
         Cmd::Demo { args } => run_lab(&root, &path, "demo", &args),
@@ -187,7 +210,6 @@ fn setup() -> Result<OsString> {
             .env("LLVM_PREFIX", &prefix)
             .current_dir(&tools))?;
     }
-    install_prometheus()?;
     let mut paths = vec![install_root.join("bin")];
     if let Some(p) = env::var_os("PATH") {
         paths.extend(env::split_paths(&p));
@@ -253,6 +275,14 @@ fn build(root: &Path, path: &OsString) -> Result<()> {
 
 fn test(root: &Path, path: &OsString, args: &[String]) -> Result<()> {
     run(cargo(root, path).args(["fmt", "--all", "--check"]))?;
+    let cycles = modcycles::cycles(&root.join("agent/src"))?;
+    if !cycles.is_empty() {
+        bail!(
+            "the agent's modules import each other in cycles:\n  {}",
+            cycles.join("\n  ")
+        );
+    }
+    eprintln!("+ no import cycles between the agent's modules");
     run(cargo(root, path).args([
         "clippy",
         "--workspace",

@@ -10,7 +10,7 @@
 use std::{
     fs::File,
     net::IpAddr,
-    os::fd::{AsFd, AsRawFd},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -30,7 +30,10 @@ use nodemesh_common::{
 };
 use tracing::{debug, info, warn};
 
-use crate::config::EbpfLog;
+use crate::{
+    config::EbpfLog,
+    datapath::{Datapath, PodNetwork},
+};
 
 /// The eBPF object built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodemesh"));
@@ -336,76 +339,6 @@ impl Kernel {
         lock(&self.logger).take()
     }
 
-    pub fn enrol(&self, netns_cookie: u64, pod: EnrolledPod) -> Result<(), KernelError> {
-        lock(&self.enrolled)
-            .insert(netns_cookie, pod, 0)
-            .map_err(|source| KernelError::Map {
-                name: MAP_ENROLLED,
-                source,
-            })
-    }
-
-    /// Removes the pod's map entry and detaches its inbound capture.
-    pub fn unenrol(&self, netns_cookie: u64) {
-        if let Err(e) = lock(&self.enrolled).remove(&netns_cookie) {
-            debug!("unenrol {netns_cookie}: {e}");
-        }
-        self.detach_capture(netns_cookie);
-    }
-
-    /// Enrolled netns cookies, e.g. left by a previous agent: map entries
-    /// and capture link pins.
-    pub fn enrolled_cookies(&self) -> Vec<u64> {
-        let mut cookies: Vec<u64> = lock(&self.enrolled).keys().filter_map(Result::ok).collect();
-        if let Ok(entries) = std::fs::read_dir(&self.links_dir) {
-            cookies.extend(entries.filter_map(|e| {
-                e.ok()?
-                    .file_name()
-                    .to_str()?
-                    .strip_prefix(CAPTURE_LINK_PREFIX)?
-                    .parse::<u64>()
-                    .ok()
-            }));
-        }
-        cookies.sort_unstable();
-        cookies.dedup();
-        cookies
-    }
-
-    /// Makes `listener` (a listening socket inside the pod) the target of
-    /// plaintext connections to `ip`.
-    pub fn add_capture_listener(
-        &self,
-        ip: IpAddr,
-        listener: &impl AsRawFd,
-    ) -> Result<(), KernelError> {
-        lock(&self.capture)
-            .insert(ip_to_words(ip), listener.as_raw_fd(), 0)
-            .map_err(|source| KernelError::Map {
-                name: MAP_CAPTURE,
-                source,
-            })
-    }
-
-    /// Attaches the sk_lookup program to the pod's netns and pins the link;
-    /// a link a previous agent pinned for the same netns is replaced after.
-    /// Call once the pod's capture listeners are in the map: from here on,
-    /// plaintext connections to the pod without a listener are refused.
-    pub fn attach_capture(&self, netns: impl AsFd, netns_cookie: u64) -> Result<(), KernelError> {
-        let name = SK_LOOKUP_PROGRAM;
-        let link: FdLink = {
-            let mut ebpf = lock(&self.ebpf);
-            let p: &mut SkLookup = program(&mut ebpf, name)?;
-            let id = p
-                .attach(netns)
-                .map_err(|source| KernelError::Program { name, source })?;
-            p.take_link(id)
-                .map_err(|source| KernelError::Program { name, source })?
-                .into()
-        };
-        replace_pinned_link(&self.capture_pin(netns_cookie), link, name)
-    }
-
     fn capture_pin(&self, netns_cookie: u64) -> PathBuf {
         self.links_dir
             .join(format!("{CAPTURE_LINK_PREFIX}{netns_cookie}"))
@@ -422,19 +355,13 @@ impl Kernel {
         }
     }
 
-    pub fn orig_dst(&self, key: &FlowKey) -> Option<OrigDst> {
-        self.orig_dst.get(key, 0).ok()
-    }
-
-    /// Adds the agent's side of an app connection to the sockhash, so what
-    /// the agent writes skips the loopback stack.
-    pub fn add_to_sockhash(&self, key: SockKey, socket: &impl AsRawFd) -> Result<(), KernelError> {
-        lock(&self.sockhash)
-            .insert(key, socket.as_raw_fd(), 0)
-            .map_err(|source| KernelError::Map {
-                name: MAP_SOCKHASH,
-                source,
-            })
+    /// Registers `nodemesh_ebpf_events_total`, read from the counter map
+    /// at scrape time.
+    pub fn register_metrics(
+        self: &std::sync::Arc<Self>,
+        registry: &mut prometheus_client::registry::Registry,
+    ) {
+        registry.register_collector(Box::new(CounterCollector(std::sync::Arc::downgrade(self))));
     }
 
     /// The programs' counters, summed over CPUs.
@@ -447,6 +374,141 @@ impl Kernel {
                     .unwrap_or(0)
             })
             .collect()
+    }
+}
+
+/// The eBPF counters' names, by index in `NM_COUNTERS`.
+fn event_name(index: usize) -> Option<&'static str> {
+    use nodemesh_common::counter as c;
+    Some(match index as u32 {
+        c::REDIRECTED => "redirected",
+        c::SKIPPED_AGENT => "skipped_agent",
+        c::PENDING_FULL => "pending_full",
+        c::ORIG_DST_RECORDED => "orig_dst_recorded",
+        c::ORIG_DST_FULL => "orig_dst_full",
+        c::SOCKMAP_ADDED => "sockmap_added",
+        c::MSG_REDIRECTED => "msg_redirected",
+        c::INBOUND_CAPTURED => "inbound_captured",
+        c::INBOUND_NO_LISTENER => "inbound_no_listener",
+        _ => return None,
+    })
+}
+
+struct CounterCollector(std::sync::Weak<Kernel>);
+
+impl std::fmt::Debug for CounterCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CounterCollector")
+    }
+}
+
+impl prometheus_client::collector::Collector for CounterCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::{encoding::EncodeMetric as _, metrics::counter::ConstCounter};
+        let Some(kernel) = self.0.upgrade() else {
+            return Ok(());
+        };
+        let mut family = encoder.encode_descriptor(
+            "ebpf_events",
+            "Events counted by the kernel programs (NM_COUNTERS), summed over CPUs.",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (i, v) in kernel.counters().iter().enumerate() {
+            if let Some(event) = event_name(i) {
+                ConstCounter::new(*v).encode(family.encode_family(&[("event", event)])?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn map_error(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> std::io::Error {
+    move |source| std::io::Error::other(KernelError::Map { name, source })
+}
+
+impl Datapath for Kernel {
+    fn orig_dst(&self, key: &FlowKey) -> Option<OrigDst> {
+        self.orig_dst.get(key, 0).ok()
+    }
+
+    /// The agent's side of an app connection: what the agent writes skips
+    /// the loopback stack.
+    fn add_to_sockhash(&self, key: SockKey, socket: &tokio::net::TcpStream) -> std::io::Result<()> {
+        lock(&self.sockhash)
+            .insert(key, socket.as_raw_fd(), 0)
+            .map_err(map_error(MAP_SOCKHASH))
+    }
+
+    fn enrol(&self, netns_cookie: u64, pod: EnrolledPod) -> std::io::Result<()> {
+        lock(&self.enrolled)
+            .insert(netns_cookie, pod, 0)
+            .map_err(map_error(MAP_ENROLLED))
+    }
+
+    /// Removes the pod's map entry and detaches its inbound capture.
+    fn unenrol(&self, netns_cookie: u64) {
+        if let Err(e) = lock(&self.enrolled).remove(&netns_cookie) {
+            debug!("unenrol {netns_cookie}: {e}");
+        }
+        self.detach_capture(netns_cookie);
+    }
+
+    /// Map entries and capture link pins (a previous agent's too).
+    fn enrolled_cookies(&self) -> Vec<u64> {
+        let mut cookies: Vec<u64> = lock(&self.enrolled).keys().filter_map(Result::ok).collect();
+        if let Ok(entries) = std::fs::read_dir(&self.links_dir) {
+            cookies.extend(entries.filter_map(|e| {
+                e.ok()?
+                    .file_name()
+                    .to_str()?
+                    .strip_prefix(CAPTURE_LINK_PREFIX)?
+                    .parse::<u64>()
+                    .ok()
+            }));
+        }
+        cookies.sort_unstable();
+        cookies.dedup();
+        cookies
+    }
+
+    /// `listener` is a listening socket inside the pod.
+    fn add_capture_listener(
+        &self,
+        ip: IpAddr,
+        listener: &tokio::net::TcpListener,
+    ) -> std::io::Result<()> {
+        lock(&self.capture)
+            .insert(ip_to_words(ip), listener.as_raw_fd(), 0)
+            .map_err(map_error(MAP_CAPTURE))
+    }
+
+    /// Attaches the sk_lookup program to the pod's netns and pins the link;
+    /// a link a previous agent pinned for the same netns is replaced after.
+    /// Call once the pod's capture listeners are in the map: from here on,
+    /// plaintext connections to the pod without a listener are refused.
+    fn attach_capture(&self, network: &dyn PodNetwork, netns_cookie: u64) -> std::io::Result<()> {
+        let netns = network.namespace_fd().ok_or_else(|| {
+            std::io::Error::other(format!("{} is not a network namespace", network.describe()))
+        })?;
+        let name = SK_LOOKUP_PROGRAM;
+        let attach = || -> Result<(), KernelError> {
+            let link: FdLink = {
+                let mut ebpf = lock(&self.ebpf);
+                let p: &mut SkLookup = program(&mut ebpf, name)?;
+                let id = p
+                    .attach(netns)
+                    .map_err(|source| KernelError::Program { name, source })?;
+                p.take_link(id)
+                    .map_err(|source| KernelError::Program { name, source })?
+                    .into()
+            };
+            replace_pinned_link(&self.capture_pin(netns_cookie), link, name)
+        };
+        attach().map_err(std::io::Error::other)
     }
 }
 

@@ -6,7 +6,9 @@
 //! external CA (istiod, SPIRE, cert-manager) replaces the file CA, so that
 //! agents hold only their node's workloads' keys.
 use std::{
+    future::Future,
     path::{Path, PathBuf},
+    pin::Pin,
     time::{Duration, SystemTime},
 };
 
@@ -43,11 +45,6 @@ impl WorkloadCert {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
-    #[error("{path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
     #[error("issuing a certificate for {identity}: {source}")]
@@ -57,30 +54,43 @@ pub enum CaError {
     },
 }
 
-/// Issues workload certificates. Implementations: [`FileCa`] now, an
-/// external CA client later.
+pub type IssueFuture<'a> = Pin<Box<dyn Future<Output = Result<WorkloadCert, CaError>> + Send + 'a>>;
+
+/// Issues workload certificates; the CA chooses their lifetime (the
+/// certificate's `not_after` says it). Implementations: [`FileCa`] now; an
+/// external CA (istiod, SPIRE) is a client that answers asynchronously.
 pub trait CertificateAuthority: Send + Sync {
-    fn issue(&self, identity: &Identity, lifetime: Duration) -> Result<WorkloadCert, CaError>;
+    fn issue<'a>(&'a self, identity: &'a Identity) -> IssueFuture<'a>;
 }
 
 /// A CA whose root certificate and key are files (a Secret in Kubernetes).
 pub struct FileCa {
     issuer: Issuer<'static, KeyPair>,
     root: CertificateDer<'static>,
+    lifetime: Duration,
 }
 
 /// Leaves are back-dated this much, for clocks that are slightly behind.
 const CLOCK_SKEW: Duration = Duration::from_secs(300);
 
 impl FileCa {
-    pub fn load(cert_path: &Path, key_path: &Path) -> Result<Self, CaError> {
+    /// Issues certificates valid for `lifetime`.
+    pub fn load(cert_path: &Path, key_path: &Path, lifetime: Duration) -> Result<Self, CaError> {
         let read = |p: &Path| {
-            std::fs::read_to_string(p).map_err(|source| CaError::Read {
-                path: p.to_owned(),
-                source,
+            crate::files::read_text(p, crate::files::MAX_CONFIG_BYTES).map_err(|e| {
+                CaError::Invalid {
+                    path: p.to_owned(),
+                    message: e.to_string(),
+                }
             })
         };
-        Self::from_pem(&read(cert_path)?, &read(key_path)?, cert_path, key_path)
+        Self::from_pem(
+            &read(cert_path)?,
+            &read(key_path)?,
+            cert_path,
+            key_path,
+            lifetime,
+        )
     }
 
     pub fn from_pem(
@@ -88,16 +98,35 @@ impl FileCa {
         key_pem: &str,
         cert_path: &Path,
         key_path: &Path,
+        lifetime: Duration,
     ) -> Result<Self, CaError> {
         let key = KeyPair::from_pem(key_pem).map_err(|e| CaError::Invalid {
             path: key_path.to_owned(),
             message: format!("not a PEM private key the CA can sign with: {e}"),
         })?;
-        let root_der = rustls_pki_types::pem::PemObject::from_pem_slice(cert_pem.as_bytes())
-            .map_err(|e: rustls_pki_types::pem::Error| CaError::Invalid {
+        let root_der: CertificateDer<'static> = rustls_pki_types::pem::PemObject::from_pem_slice(
+            cert_pem.as_bytes(),
+        )
+        .map_err(|e: rustls_pki_types::pem::Error| CaError::Invalid {
+            path: cert_path.to_owned(),
+            message: format!("not a PEM certificate: {e}"),
+        })?;
+        // A key that is not the certificate's would sign leaves every peer
+        // rejects (bad_signature): refuse it here, not on every handshake.
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(&root_der).map_err(|e| CaError::Invalid {
                 path: cert_path.to_owned(),
-                message: format!("not a PEM certificate: {e}"),
+                message: format!("not a certificate: {e}"),
             })?;
+        if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(CaError::Invalid {
+                path: key_path.to_owned(),
+                message: format!(
+                    "this key is not the key of the CA certificate {}; give the key the certificate was made with",
+                    cert_path.display()
+                ),
+            });
+        }
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| CaError::Invalid {
             path: cert_path.to_owned(),
             message: format!("not a CA certificate: {e}"),
@@ -105,6 +134,7 @@ impl FileCa {
         Ok(Self {
             issuer,
             root: root_der,
+            lifetime,
         })
     }
 
@@ -115,7 +145,16 @@ impl FileCa {
 }
 
 impl CertificateAuthority for FileCa {
-    fn issue(&self, identity: &Identity, lifetime: Duration) -> Result<WorkloadCert, CaError> {
+    fn issue<'a>(&'a self, identity: &'a Identity) -> IssueFuture<'a> {
+        // Signing takes well under a millisecond: no need to leave the task.
+        Box::pin(std::future::ready(self.sign(identity)))
+    }
+}
+
+impl FileCa {
+    /// A certificate for `identity`, signed now.
+    pub fn sign(&self, identity: &Identity) -> Result<WorkloadCert, CaError> {
+        let lifetime = self.lifetime;
         let err = |source| CaError::Issue {
             identity: identity.clone(),
             source,

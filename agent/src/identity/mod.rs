@@ -1,11 +1,11 @@
 //! Workload identities (SPIFFE IDs) and the certificates that carry them.
 pub mod ca;
-pub mod store;
+pub mod manager;
 
 use std::{fmt, str::FromStr};
 
-pub use ca::{CaError, CertificateAuthority, FileCa, WorkloadCert};
-pub use store::{CertStore, Issued, StoreError};
+pub use ca::{CaError, CertificateAuthority, FileCa, IssueFuture, WorkloadCert};
+pub use manager::CertManager;
 
 /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -17,7 +17,7 @@ pub use compile::{
 };
 pub use engine::{Decision, PolicySet, Request};
 pub use peer_auth::{MtlsRequirement, PeerAuthSet};
-pub use store::PolicyStore;
+pub use store::{PolicyMetrics, PolicyStore};
 
 use crate::yaml;
 
@@ -67,13 +67,32 @@ pub fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     Ok(files)
 }
 
+/// The text of every policy file in `dir`, as read now.
+pub type Texts = Vec<(PathBuf, String)>;
+
+pub fn read_texts(dir: &Path) -> Result<Texts, LoadError> {
+    policy_files(dir)?
+        .into_iter()
+        .map(|f| {
+            let text = crate::files::read_text(&f, crate::files::MAX_CONFIG_BYTES)
+                .map_err(yaml::YamlError::from)?;
+            Ok((f, text))
+        })
+        .collect()
+}
+
 /// Reads, checks and compiles every policy file in `dir`.
 pub fn load_dir(dir: &Path, root_namespace: &str) -> Result<Loaded, LoadError> {
-    let files = policy_files(dir)?;
+    compile_texts(&read_texts(dir)?, root_namespace)
+}
+
+/// Checks and compiles policy files' texts as one set.
+pub fn compile_texts(texts: &Texts, root_namespace: &str) -> Result<Loaded, LoadError> {
+    let files: Vec<PathBuf> = texts.iter().map(|(f, _)| f.clone()).collect();
     let mut compiled = compile::Compiled::default();
     let mut errors = Vec::new();
-    for file in &files {
-        let docs: Vec<model::Document> = yaml::read_documents(file)?;
+    for (file, text) in texts {
+        let docs: Vec<model::Document> = yaml::parse_documents(file, text)?;
         if let Err(mut e) = compile::compile(file, &docs, &mut compiled) {
             errors.append(&mut e);
         }

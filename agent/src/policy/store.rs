@@ -1,12 +1,29 @@
 //! The policy set in force, swapped whole on reload; a generation number
 //! tells open connections to re-check themselves.
-use std::{path::Path, sync::Arc};
+use std::{
+    path::Path,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use arc_swap::ArcSwap;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use super::{Decision, MtlsRequirement, PeerAuthSet, PolicySet, Request, load_dir};
+use super::{
+    Decision, LoadError, MtlsRequirement, PeerAuthSet, PolicySet, Request, Texts, compile_texts,
+    read_texts,
+};
+
+/// How long a reload that changes or removes a file in force waits to read
+/// the files again: it applies only if both reads agree, so a file cut by a
+/// writer that was not done yet never drops rules.
+pub const CONFIRM_CHANGE: Duration = Duration::from_millis(500);
 
 /// One loaded set: both kinds change together.
 #[derive(Debug, Default)]
@@ -15,20 +32,58 @@ struct InForce {
     peer_authentication: PeerAuthSet,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Default)]
+pub struct PolicyMetrics {
+    reloads: Family<OutcomeLabels, Counter>,
+    generation: Gauge,
+}
+
+impl PolicyMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "policy_reloads",
+            "Policy directory loads by outcome (applied, unchanged, rejected)",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "policy_generation",
+            "Generation of the policy set in force (0: none loaded)",
+            m.generation.clone(),
+        );
+        m
+    }
+
+    fn record(&self, outcome: &'static str, generation: u64) {
+        self.reloads.get_or_create(&OutcomeLabels { outcome }).inc();
+        self.generation.set(generation as i64);
+    }
+}
+
 pub struct PolicyStore {
     current: ArcSwap<InForce>,
     generation: watch::Sender<u64>,
     root_namespace: String,
+    /// The files of the set in force, as read.
+    texts: Mutex<Texts>,
+    metrics: PolicyMetrics,
 }
 
 impl PolicyStore {
     /// An empty set (everything allowed) until the first load.
-    pub fn new(root_namespace: &str) -> Self {
+    pub fn new(root_namespace: &str, metrics: PolicyMetrics) -> Self {
         let (generation, _) = watch::channel(0);
         Self {
             current: ArcSwap::from_pointee(InForce::default()),
             generation,
             root_namespace: root_namespace.to_owned(),
+            texts: Mutex::new(Vec::new()),
+            metrics,
         }
     }
 
@@ -69,36 +124,72 @@ impl PolicyStore {
     }
 
     /// Loads `dir`; on success the new set replaces the old at once, on
-    /// failure the old one stays and the errors are logged.
+    /// failure the old one stays and the errors are logged. A set that
+    /// changes or drops a file in force is read a second time after
+    /// [`CONFIRM_CHANGE`] and applied only if the files did not change in
+    /// between (else the newer files are taken from the start).
     pub fn reload(&self, dir: &Path) -> bool {
-        match load_dir(dir, &self.root_namespace) {
-            Ok(loaded) => {
-                for w in &loaded.warnings {
-                    warn!("policy {w}");
+        let outcome = self.reload_confirmed(dir);
+        self.metrics.record(outcome, self.generation());
+        outcome != "rejected"
+    }
+
+    fn reload_confirmed(&self, dir: &Path) -> &'static str {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let texts = match read_texts(dir) {
+                Ok(t) => t,
+                Err(e) => return self.rejected(&e),
+            };
+            let in_force = self
+                .texts
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            if texts == in_force && self.generation() > 0 {
+                return "unchanged";
+            }
+            let drops = in_force.iter().any(|old| !texts.contains(old));
+            if drops && attempts < 10 {
+                std::thread::sleep(CONFIRM_CHANGE);
+                if read_texts(dir).ok().as_ref() != Some(&texts) {
+                    info!(dir = %dir.display(), "policy files changed while confirming a change; reading them again");
+                    continue;
                 }
-                let n = loaded.authorization.len();
-                let peer = loaded.peer_authentication.len();
-                self.current.store(Arc::new(InForce {
-                    authorization: loaded.authorization,
-                    peer_authentication: loaded.peer_authentication,
-                }));
-                self.generation.send_modify(|g| *g += 1);
-                info!(
-                    generation = self.generation(),
-                    policies = n,
-                    peer_authentication = peer,
-                    files = loaded.files.len(),
-                    "policies loaded"
-                );
-                true
             }
-            Err(e) => {
-                error!(
-                    generation = self.generation(),
-                    "policy set rejected, the set in force stays:\n{e}"
-                );
-                false
-            }
+            return match compile_texts(&texts, &self.root_namespace) {
+                Ok(loaded) => {
+                    for w in &loaded.warnings {
+                        warn!("policy {w}");
+                    }
+                    let n = loaded.authorization.len();
+                    let peer = loaded.peer_authentication.len();
+                    self.current.store(Arc::new(InForce {
+                        authorization: loaded.authorization,
+                        peer_authentication: loaded.peer_authentication,
+                    }));
+                    *self.texts.lock().unwrap_or_else(PoisonError::into_inner) = texts;
+                    self.generation.send_modify(|g| *g += 1);
+                    info!(
+                        generation = self.generation(),
+                        policies = n,
+                        peer_authentication = peer,
+                        files = loaded.files.len(),
+                        "policies loaded"
+                    );
+                    "applied"
+                }
+                Err(e) => self.rejected(&e),
+            };
         }
+    }
+
+    fn rejected(&self, e: &LoadError) -> &'static str {
+        error!(
+            generation = self.generation(),
+            "policy set rejected, the set in force stays:\n{e}"
+        );
+        "rejected"
     }
 }

@@ -10,7 +10,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::metrics::ByteCount;
+use super::metrics::ByteCount;
 
 /// Read size from the TCP side; the buffer is reused once h2 has sent the
 /// previous chunk (BytesMut reclaims its allocation).

@@ -3,7 +3,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -14,15 +14,12 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use super::{
-    denied_by, finish, h2io,
-    outbound::{LocalPod, Shared, note_decision, reset_on_close},
+    ConnectionResult, LocalPod, ProxyError, ProxyInputs, canonical, h2io,
+    metrics::{Peer, Report, Reporter, SecurityPolicy, ServiceName},
+    reset_on_close,
 };
 use crate::{
-    access_log::Entry,
     identity::Identity,
-    metrics::{
-        ConnectionTraffic, Peer, Report, Reporter, ResponseFlags, SecurityPolicy, ServiceName,
-    },
     policy::{Decision, Request},
     tls::{failure_reason, svid_identity},
 };
@@ -48,62 +45,56 @@ pub fn h2_server() -> h2::server::Builder {
 }
 
 /// Serves one HBONE connection (TLS, then HTTP/2 streams).
-pub async fn serve(shared: Arc<Shared>, pod: Arc<LocalPod>, tcp: TcpStream, peer: SocketAddr) {
-    serve_connection(&shared, &pod, tcp, peer).await;
-}
-
-/// v4-mapped addresses compare as IPv4.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
+pub async fn serve(inputs: Arc<ProxyInputs>, pod: Arc<LocalPod>, tcp: TcpStream, peer: SocketAddr) {
+    let peer = canonical(peer);
+    if let Err(e) = serve_connection(&inputs, &pod, tcp, peer).await {
+        // The connection failed before any stream: the peer is not (yet)
+        // authenticated, so only the destination is labelled.
+        if e.tls_code().is_some() {
+            warn!(pod = %pod.pod.key(), %peer, "{e}");
+        } else {
+            debug!(pod = %pod.pod.key(), %peer, "{e}");
+        }
+        let mut result = ConnectionResult::new(&inputs, Reporter::Destination, "inbound", peer);
+        result.entry().dst_workload = Some(pod.pod.key().to_string());
+        result.entry().dst_identity = Some(pod.identity.to_string());
+        result.open(&[Report {
+            reporter: Reporter::Destination,
+            source: &Peer::default(),
+            destination: &Peer::pod(&pod.pod, &pod.identity),
+            service: &ServiceName::default(),
+            security: SecurityPolicy::Unknown,
+        }]);
+        result.fail(&e);
     }
 }
 
+/// Fails only before the first stream (TLS, certificate, HTTP/2 preface).
 async fn serve_connection(
-    shared: &Arc<Shared>,
+    inputs: &Arc<ProxyInputs>,
     pod: &Arc<LocalPod>,
     tcp: TcpStream,
     peer: SocketAddr,
-) {
-    let local = match tcp.local_addr() {
-        Ok(a) => a,
-        Err(_) => return,
-    };
+) -> Result<(), ProxyError> {
+    let local = canonical(tcp.local_addr().map_err(ProxyError::Transfer)?);
     let _ = tcp.set_nodelay(true);
-    let issued = match shared.certs.get(&pod.identity) {
-        Ok(i) => i,
-        Err(e) => {
-            warn!(pod = %pod.pod.key(), "no certificate to serve HBONE with: {e}");
-            return;
-        }
-    };
-    let acceptor = TlsAcceptor::from(issued.server.clone());
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let server =
+        inputs
+            .tls
+            .server_config(&pod.identity)
+            .await
+            .map_err(|e| ProxyError::Certificate {
+                identity: pod.identity.to_string(),
+                reason: e.to_string(),
+            })?;
+    let handshake =
+        |code: &'static str, reason: String| ProxyError::TlsHandshake { peer, code, reason };
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(server).accept(tcp))
+        .await
+    {
         Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            let reason = failure_reason(&e);
-            warn!(pod = %pod.pod.key(), %peer, reason, "HBONE TLS handshake refused: {e}");
-            tls_failure(
-                shared,
-                pod,
-                peer,
-                reason,
-                format!("TLS handshake refused ({reason}): {e}"),
-            );
-            return;
-        }
-        Err(_) => {
-            warn!(pod = %pod.pod.key(), %peer, "HBONE TLS handshake timed out");
-            tls_failure(
-                shared,
-                pod,
-                peer,
-                "timeout",
-                "TLS handshake timed out (timeout)".into(),
-            );
-            return;
-        }
+        Ok(Err(e)) => return Err(handshake(failure_reason(&e), e.to_string())),
+        Err(_) => return Err(handshake("timeout", "TLS handshake timed out".into())),
     };
     // Identity comes only from the client certificate (already verified).
     let src_identity = tls
@@ -111,17 +102,21 @@ async fn serve_connection(
         .1
         .peer_certificates()
         .and_then(|c| c.first())
-        .and_then(|c| svid_identity(c, &pod.identity.trust_domain).ok());
-    let Some(src_identity) = src_identity else {
-        return;
-    };
+        .ok_or_else(|| handshake("no_client_certificate", "no client certificate".into()))
+        .and_then(|c| {
+            svid_identity(c, &pod.identity.trust_domain)
+                .map_err(|e| handshake("not_an_svid", e.to_string()))
+        })?;
     let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, h2_server().handshake(tls)).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             debug!(%peer, "HBONE HTTP/2 handshake failed: {e}");
-            return;
+            return Ok(());
         }
-        Err(_) => return,
+        Err(_) => {
+            debug!(%peer, "HBONE HTTP/2 preface timed out");
+            return Ok(());
+        }
     };
     // On drain: GOAWAY, so peers open no new streams here and the connection
     // closes once its streams are done (pooled peers hold idle ones open).
@@ -129,7 +124,7 @@ async fn serve_connection(
     loop {
         let next = tokio::select! {
             next = conn.accept() => next,
-            () = shared.drain.stopped(), if !draining => {
+            () = inputs.drain.stopped(), if !draining => {
                 draining = true;
                 conn.graceful_shutdown();
                 continue;
@@ -138,11 +133,11 @@ async fn serve_connection(
         let Some(next) = next else { break };
         match next {
             Ok((request, respond)) => {
-                let shared = shared.clone();
+                let inputs = inputs.clone();
                 let pod = pod.clone();
                 let src_identity = src_identity.clone();
                 tokio::spawn(async move {
-                    serve_stream(&shared, &pod, local, peer, src_identity, request, respond).await;
+                    serve_stream(&inputs, &pod, local, peer, src_identity, request, respond).await;
                 });
             }
             Err(e) => {
@@ -151,52 +146,7 @@ async fn serve_connection(
             }
         }
     }
-}
-
-/// A handshake that failed: the peer is not authenticated, so only the
-/// destination is labelled.
-fn tls_failure(
-    shared: &Shared,
-    pod: &LocalPod,
-    peer: SocketAddr,
-    reason: &'static str,
-    error: String,
-) {
-    shared.metrics.tls_failure("inbound", reason);
-    let traffic = shared.metrics.open(&[Report {
-        reporter: Reporter::Destination,
-        source: &Peer::default(),
-        destination: &Peer::pod(&pod.pod, &pod.identity),
-        service: &ServiceName::default(),
-        security: SecurityPolicy::Unknown,
-    }]);
-    let mut e = Entry::new("destination", peer);
-    e.dst_workload = Some(pod.pod.key().to_string());
-    e.dst_identity = Some(pod.identity.to_string());
-    e.result = "tls";
-    e.response_flags = ResponseFlags::TlsFailure;
-    e.error = Some(error);
-    finish(shared, e, Some(traffic));
-}
-
-/// Opens a stream's destination report. The source's workload labels come
-/// from the workloads file, and only when the pod at the connection's
-/// address runs as the identity its certificate proved.
-fn open_traffic(
-    shared: &Shared,
-    pod: &LocalPod,
-    peer: SocketAddr,
-    src_identity: &Identity,
-    target_port: u16,
-) -> ConnectionTraffic {
-    let source = shared
-        .workloads
-        .borrow()
-        .pod_by_ip(canonical(peer.ip()))
-        .filter(|p| shared.identity_of(p) == *src_identity)
-        .map(|p| Peer::pod(p, src_identity))
-        .unwrap_or_else(|| Peer::identity(src_identity));
-    super::open_destination_report(shared, pod, &source, target_port, SecurityPolicy::MutualTls)
+    Ok(())
 }
 
 fn respond(mut respond: SendResponse<Bytes>, status: StatusCode) {
@@ -208,43 +158,38 @@ fn respond(mut respond: SendResponse<Bytes>, status: StatusCode) {
 }
 
 async fn serve_stream(
-    shared: &Shared,
+    inputs: &ProxyInputs,
     pod: &LocalPod,
     local: SocketAddr,
     peer: SocketAddr,
     src_identity: Identity,
-    http_request: http::Request<h2::RecvStream>,
+    request: http::Request<h2::RecvStream>,
     responder: SendResponse<Bytes>,
 ) {
-    let (request_head, body) = http_request.into_parts();
-    let started = Instant::now();
-    let _active = shared.metrics.active("inbound");
-    let mut entry = Entry::new("destination", peer);
+    let (head, body) = request.into_parts();
+    let mut result = ConnectionResult::new(inputs, Reporter::Destination, "inbound", peer);
+    let entry = result.entry();
     entry.src_identity = Some(src_identity.to_string());
     entry.dst_workload = Some(pod.pod.key().to_string());
     entry.dst_identity = Some(pod.identity.to_string());
     entry.security = "mutual_tls";
-    if let Some(src) = request_head
+    entry.forwarded_for = head
         .headers
         .get("forwarded")
         .and_then(|v| v.to_str().ok())
-        .and_then(forwarded_for)
-    {
-        entry.src_addr = src;
-    }
-    let target = match connect_target(&request_head.method, &request_head.uri, local.ip()) {
+        .and_then(forwarded_for);
+    let target = match connect_target(&head.method, &head.uri, local.ip()) {
         Ok(t) => t,
         Err(why) => {
-            entry.result = "bad_request";
-            entry.error = Some(why);
             respond(responder, StatusCode::BAD_REQUEST);
-            shared.access_log.log(entry);
+            result.fail(&ProxyError::BadRequest(why));
             return;
         }
     };
-    let traffic = open_traffic(shared, pod, peer, &src_identity, target.port());
+    let entry = result.entry();
     entry.orig_dst = target.to_string();
     entry.upstream = Some(target.to_string());
+    let bytes = open_traffic(inputs, &mut result, pod, peer, &src_identity, target.port());
     // Policy: identity from the certificate, address from the TCP peer.
     let request = Request {
         src_identity: Some(&src_identity),
@@ -254,28 +199,24 @@ async fn serve_stream(
         dst_ip: target.ip(),
         dst_port: target.port(),
     };
-    let decision = shared.policies.decide(&request);
-    note_decision(&mut entry, &decision);
-    if let Decision::Deny { policy } = &decision {
-        entry.result = "denied";
-        entry.response_flags = ResponseFlags::Deny;
-        entry.error = Some(format!("denied by {}", denied_by(policy)));
+    let decision = inputs.policies.decide(&request);
+    result.decided(&decision);
+    if let Decision::Deny { policy } = decision {
         respond(responder, StatusCode::UNAUTHORIZED);
-        finish(shared, entry, Some(traffic));
+        result.fail(&ProxyError::Denied { policy });
         return;
     }
-    let mut upstream = match super::connect_in(shared, pod, target).await {
+    let mut upstream = match super::connect_in(inputs, pod, target).await {
         Ok(s) => s,
         Err(e) => {
-            entry.result = e.stage();
-            entry.response_flags = e.response_flags();
-            entry.error = Some(format!("in pod {}: {e}", pod.pod.key()));
             respond(responder, StatusCode::SERVICE_UNAVAILABLE);
-            finish(shared, entry, Some(traffic));
+            result.fail(&ProxyError::InPod {
+                pod: pod.pod.key().to_string(),
+                source: Box::new(e),
+            });
             return;
         }
     };
-    let _ = upstream.set_nodelay(true);
     let mut responder = responder;
     let ok = Response::builder()
         .status(StatusCode::OK)
@@ -284,67 +225,88 @@ async fn serve_stream(
     let mut send = match responder.send_response(ok, false) {
         Ok(s) => s,
         Err(e) => {
-            entry.result = "transfer";
-            entry.error = Some(format!("HBONE stream closed before the response: {e}"));
-            finish(shared, entry, Some(traffic));
+            result.fail(&ProxyError::Transfer(std::io::Error::other(format!(
+                "HBONE stream closed before the response: {e}"
+            ))));
             return;
         }
     };
     // While bytes flow, a new policy set may deny this connection: it is
     // then closed; allowed ones are untouched.
-    let mut generation = shared.policies.subscribe();
-    // A set that arrived since the first decision (during the connect) is
-    // checked at once.
-    generation.mark_changed();
-    let copied = {
-        let copy = h2io::copy(
+    let recheck = || match inputs.policies.decide(&request) {
+        Decision::Deny { policy } => Err(ProxyError::Denied { policy }),
+        Decision::Allow { .. } => Ok(()),
+    };
+    let copy = async {
+        h2io::copy(
             &mut upstream,
             &mut send,
             body,
-            &traffic.server_to_client,
-            &traffic.client_to_server,
-        );
-        tokio::pin!(copy);
-        loop {
-            tokio::select! {
-                r = &mut copy => break Some(r),
-                changed = generation.changed() => {
-                    if changed.is_err() {
-                        continue;
-                    }
-                    let now = shared.policies.decide(&request);
-                    if let Decision::Deny { policy } = now {
-                        entry.policy = policy.clone();
-                        entry.result = "denied";
-                        entry.response_flags = ResponseFlags::Deny;
-                        entry.error = Some(format!(
-                            "closed: after a policy reload, denied by {}",
-                            denied_by(&policy)
-                        ));
-                        break None;
-                    }
-                }
-            }
-        }
+            &bytes.server_to_client,
+            &bytes.client_to_server,
+        )
+        .await
+        .map_err(ProxyError::Transfer)
     };
-    match copied {
-        Some(Ok((to_peer, from_peer))) => {
-            entry.bytes_sent = to_peer;
-            entry.bytes_received = from_peer;
-        }
-        Some(Err(e)) => {
+    match super::rechecked(inputs, copy, Some(&recheck)).await {
+        Ok((to_peer, from_peer)) => result.transferred(from_peer, to_peer),
+        Err(e) => {
             send.send_reset(h2::Reason::CANCEL);
             reset_on_close(&upstream);
-            entry.result = "transfer";
-            entry.error = Some(e.to_string());
-        }
-        None => {
-            send.send_reset(h2::Reason::CANCEL);
-            reset_on_close(&upstream);
+            result.fail(&e);
         }
     }
-    entry.duration_ms = started.elapsed().as_millis();
-    finish(shared, entry, Some(traffic));
+}
+
+/// Opens a stream's destination report. The source's workload labels come
+/// from the workload state, and only when the pod at the connection's
+/// address runs as the identity its certificate proved.
+fn open_traffic(
+    inputs: &ProxyInputs,
+    result: &mut ConnectionResult,
+    pod: &LocalPod,
+    peer: SocketAddr,
+    src_identity: &Identity,
+    target_port: u16,
+) -> super::connection::Bytes {
+    let source = inputs
+        .workloads
+        .pod_by_ip(peer.ip())
+        .filter(|p| inputs.identity_of(p) == *src_identity)
+        .map(|p| Peer::pod(&p, src_identity))
+        .unwrap_or_else(|| Peer::identity(src_identity));
+    open_destination_report(
+        inputs,
+        result,
+        pod,
+        &source,
+        target_port,
+        SecurityPolicy::MutualTls,
+    )
+}
+
+/// Opens the destination report of a connection to a pod on this node:
+/// its service from the target port, and the source as already known.
+pub fn open_destination_report(
+    inputs: &ProxyInputs,
+    result: &mut ConnectionResult,
+    pod: &LocalPod,
+    source: &Peer,
+    target_port: u16,
+    security: SecurityPolicy,
+) -> super::connection::Bytes {
+    let service = inputs
+        .workloads
+        .service_of(&pod.pod.key(), target_port)
+        .map(|s| ServiceName::of(&s))
+        .unwrap_or_default();
+    result.open(&[Report {
+        reporter: Reporter::Destination,
+        source,
+        destination: &Peer::pod(&pod.pod, &pod.identity),
+        service: &service,
+        security,
+    }])
 }
 
 /// The target of an HBONE request, or why it gets a 400: not CONNECT, an
@@ -365,7 +327,8 @@ pub fn connect_target(
         .as_str()
         .parse()
         .map_err(|_| format!("authority {authority} is not ip:port"))?;
-    if canonical(target.ip()) != canonical(local_ip) {
+    let target = canonical(target);
+    if target.ip() != canonical(SocketAddr::new(local_ip, 0)).ip() {
         return Err(format!("authority {target} is not this pod ({local_ip})"));
     }
     if target.port() == 0 {
@@ -385,7 +348,7 @@ pub fn fuzz_connect_request(data: &[u8]) {
     if let (Ok(m), Ok(u)) = (Method::from_bytes(method), http::Uri::try_from(uri))
         && let Ok(t) = connect_target(&m, &u, local)
     {
-        assert_eq!(canonical(t.ip()), canonical(local));
+        assert_eq!(canonical(t).ip(), local);
         assert_eq!(m, Method::CONNECT);
     }
     if let Some(Ok(fwd)) = lines.next().map(std::str::from_utf8) {

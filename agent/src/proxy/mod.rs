@@ -1,158 +1,128 @@
-//! The data path.
+//! The data path: what the proxy paths share ([`ProxyInputs`]), and the
+//! steps they have in common — connecting from inside a pod, copying under
+//! policy re-checks, accepting until drain.
+//!
+//! Paths: `outbound` (a local pod's redirected connections), `inbound`
+//! (HBONE into a local pod), `capture` (plaintext into a local pod). Each
+//! records its outcome through one [`ConnectionResult`] and fails through
+//! one [`ProxyError`].
+pub mod access_log;
+pub mod balance;
 pub mod capture;
+pub mod connection;
+pub mod error;
 mod h2io;
 pub mod inbound;
+pub mod metrics;
 pub mod outbound;
 pub mod pool;
 mod splice;
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
-use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
-use outbound::{LocalPod, Shared};
-
+use self::{access_log::AccessLog, balance::Balancer, metrics::ProxyMetrics, pool::Pool};
+pub use self::{
+    connection::ConnectionResult,
+    error::{ProxyError, ResponseFlags},
+};
 use crate::{
-    access_log::Entry,
-    metrics::{
-        ByteCount, ConnectionTraffic, Peer, Report, Reporter, ResponseFlags, SecurityPolicy,
-        ServiceName,
-    },
+    datapath::{Datapath, PodNetwork},
+    drain::Drain,
+    identity::Identity,
+    policy::{IpBlock, PolicyStore},
+    state::{Pod, PodKey, WorkloadStore},
+    tls::TlsContext,
 };
 
-/// Why a proxied connection failed, and where.
-#[derive(Debug, Error)]
-pub enum ProxyError {
-    #[error(
-        "connection to the outbound port was not redirected by the kernel (no original-destination record); refused"
-    )]
-    NotRedirected,
-    #[error(
-        "redirect record names workload id {recorded} but the connection arrived in pod {pod}; refused"
-    )]
-    WrongPod { recorded: u32, pod: String },
-    #[error(
-        "captured plaintext connection to {addr}: not one of the pod's addresses, or an agent port; refused"
-    )]
-    NotCapturable { addr: std::net::SocketAddr },
-    #[error(
-        "{}plaintext refused: PeerAuthentication {} requires mutual TLS (STRICT) on port {port}; the client must be in the mesh",
-        if *after_reload { "closed: after a policy reload, " } else { "" },
-        policy.as_deref().unwrap_or("(none)")
-    )]
-    PlaintextRefused {
-        policy: Option<String>,
-        port: u16,
-        after_reload: bool,
-    },
-    #[error("service {service} has no endpoints")]
-    NoEndpoints { service: String },
-    #[error(
-        "connect to {addr} timed out after {secs} s; is the destination up and routable from the pod?"
-    )]
-    ConnectTimeout {
-        addr: std::net::SocketAddr,
-        secs: u64,
-    },
-    #[error("connect to {addr}: {source}")]
-    Connect {
-        addr: std::net::SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("creating the upstream socket in {pod}'s netns: {source}")]
-    Socket { pod: String, source: std::io::Error },
-    #[error("transfer: {0}")]
-    Transfer(std::io::Error),
-    #[error("denied by {}", denied_by(policy))]
-    Denied { policy: Option<String> },
-    #[error("closed: after a policy reload, denied by {}", denied_by(policy))]
-    DeniedAfterReload { policy: Option<String> },
-    #[error("HBONE to {addr}: TLS failed ({code}): {reason}")]
-    Tls {
-        addr: std::net::SocketAddr,
-        /// Bounded, for the metric label (`tls::failure_reason`).
-        code: &'static str,
-        reason: String,
-    },
-    #[error(
-        "HBONE to {addr}: no answer in time; is the destination node's agent running and port 15008 reachable?"
-    )]
-    HboneTimeout { addr: std::net::SocketAddr },
-    #[error("HBONE to {addr}: {source}")]
-    Hbone {
-        addr: std::net::SocketAddr,
-        source: h2::Error,
-    },
-    #[error("HBONE to {addr}: destination answered {status}{}", status_hint(*status))]
-    HboneStatus {
-        addr: std::net::SocketAddr,
-        status: u16,
-    },
+/// Settings of the data path, from the agent's config.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// `SO_MARK` on the agent's sockets, so the kernel hooks skip them.
+    pub socket_mark: u32,
+    /// The sk_msg fast path for data written to apps.
+    pub sockmap: bool,
+    pub connect_timeout: Duration,
+    pub trust_domain: String,
+    /// Plaintext sources that skip inbound checks (`inboundExemptSources`).
+    pub inbound_exempt_sources: Vec<IpBlock>,
 }
 
-pub fn denied_by(policy: &Option<String>) -> String {
-    match policy {
-        Some(p) => format!("policy {p}"),
-        None => "policy: ALLOW policies select the destination and none matched".into(),
-    }
-}
-
-fn status_hint(status: u16) -> &'static str {
-    match status {
-        400 => " (bad request: the destination agent did not accept the CONNECT)",
-        401 => " (denied by the destination's policy)",
-        503 => " (the destination agent could not reach the pod)",
-        _ => "",
-    }
-}
-
-impl ProxyError {
-    /// The stage name used in the access log.
-    pub fn stage(&self) -> &'static str {
-        match self {
-            Self::NotRedirected | Self::WrongPod { .. } | Self::NotCapturable { .. } => "redirect",
-            Self::NoEndpoints { .. } => "no_endpoints",
-            Self::ConnectTimeout { .. } | Self::Connect { .. } | Self::Socket { .. } => "connect",
-            Self::Transfer(_) => "transfer",
-            Self::Denied { .. }
-            | Self::DeniedAfterReload { .. }
-            | Self::PlaintextRefused { .. } => "denied",
-            Self::Tls { .. } => "tls",
-            Self::HboneStatus { status: 401, .. } => "denied",
-            Self::HboneTimeout { .. } | Self::Hbone { .. } | Self::HboneStatus { .. } => "hbone",
+impl ProxyConfig {
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self {
+            socket_mark: config.socket_mark,
+            sockmap: config.sockmap,
+            connect_timeout: config.connect_timeout(),
+            trust_domain: config.trust_domain.clone(),
+            inbound_exempt_sources: config.inbound_exempt_sources(),
         }
     }
 }
 
-impl ProxyError {
-    /// The Istio response flag a failure is reported with.
-    pub fn response_flags(&self) -> ResponseFlags {
-        match self {
-            Self::Denied { .. }
-            | Self::DeniedAfterReload { .. }
-            | Self::PlaintextRefused { .. }
-            | Self::HboneStatus { status: 401, .. } => ResponseFlags::Deny,
-            Self::NoEndpoints { .. }
-            | Self::ConnectTimeout { .. }
-            | Self::Connect { .. }
-            | Self::HboneTimeout { .. }
-            | Self::HboneStatus { status: 503, .. } => ResponseFlags::Connect,
-            Self::Tls { .. } => ResponseFlags::TlsFailure,
-            Self::NotRedirected
-            | Self::WrongPod { .. }
-            | Self::NotCapturable { .. }
-            | Self::Socket { .. }
-            | Self::Transfer(_)
-            | Self::Hbone { .. }
-            | Self::HboneStatus { .. } => ResponseFlags::None,
-        }
+/// What every proxy path needs, shared by all pods (ztunnel's `ProxyInputs`).
+pub struct ProxyInputs {
+    pub config: ProxyConfig,
+    pub datapath: Arc<dyn Datapath>,
+    pub workloads: Arc<WorkloadStore>,
+    pub balancer: Arc<Balancer>,
+    pub tls: Arc<TlsContext>,
+    pub pool: Arc<Pool>,
+    pub policies: Arc<PolicyStore>,
+    pub access_log: AccessLog,
+    pub metrics: Arc<ProxyMetrics>,
+    pub drain: Drain,
+    /// This node's enrolled pods, republished by enrolment.
+    pub local_pods: arc_swap::ArcSwap<HashMap<PodKey, Arc<LocalPod>>>,
+}
+
+impl ProxyInputs {
+    pub fn identity_of(&self, pod: &Pod) -> Identity {
+        Identity::new(
+            &self.config.trust_domain,
+            &pod.namespace,
+            &pod.service_account,
+        )
+    }
+}
+
+/// An enrolled pod as the data path sees it.
+pub struct LocalPod {
+    pub pod: Arc<Pod>,
+    pub identity: Identity,
+    pub workload_id: u32,
+    pub netns_cookie: u64,
+    pub network: Arc<dyn PodNetwork>,
+}
+
+impl LocalPod {
+    /// The pod's own address in the family of `like`.
+    pub fn ip_like(&self, like: IpAddr) -> Option<IpAddr> {
+        self.pod.ip_like(like)
+    }
+}
+
+/// v4-mapped addresses as IPv4 (dual-stack listeners report them so).
+pub fn canonical(a: SocketAddr) -> SocketAddr {
+    match a.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()),
+            None => a,
+        },
+        IpAddr::V4(_) => a,
     }
 }
 
 /// Connects to `addr` from inside `from`'s netns (the socket carries the
-/// agent's mark, so the kernel hooks leave it alone), within the timeout.
+/// agent's mark, so the kernel hooks leave it alone), within `timeout`.
 ///
 /// To the pod's own address (the agent reaching the app) the source is
 /// `127.0.0.6` / `::1`: from the pod's own address every such connection
@@ -162,131 +132,133 @@ impl ProxyError {
 /// reuses TIME_WAIT ports after a second (`tcp_tw_reuse`'s default), and
 /// apps bound only to localhost stay unreachable (the destination is still
 /// the pod's address).
-pub async fn connect_in(
-    shared: &Shared,
-    from: &LocalPod,
-    addr: SocketAddr,
-) -> Result<TcpStream, ProxyError> {
-    connect_from(from, addr, shared.socket_mark, shared.connect_timeout).await
-}
-
-/// The socket and connect of [`connect_in`], for callers with their own
-/// mark and timeout (the HBONE pool).
 pub async fn connect_from(
     from: &LocalPod,
     addr: SocketAddr,
     mark: u32,
-    timeout: std::time::Duration,
+    timeout: Duration,
 ) -> Result<TcpStream, ProxyError> {
     let to_itself = from.pod.ips.contains(&addr.ip());
     let socket = from
-        .netns
+        .network
         .socket(addr, mark, to_itself)
         .map_err(|source| ProxyError::Socket {
             pod: from.pod.key().to_string(),
             source,
         })?;
     match tokio::time::timeout(timeout, socket.connect(addr)).await {
-        Ok(Ok(s)) => Ok(s),
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
         Ok(Err(source)) => Err(ProxyError::Connect { addr, source }),
         Err(_) => Err(ProxyError::ConnectTimeout {
             addr,
-            secs: timeout.as_secs(),
+            ms: timeout.as_millis(),
         }),
     }
 }
 
-/// Plain TCP both ways with splice (bytes counted as they flow) until both
-/// directions end. After each policy reload `recheck` runs; its error
-/// closes the connection. Either failure resets the upstream side (the
-/// caller resets the client's). Returns bytes client->upstream, back.
-pub async fn splice_rechecked(
-    shared: &Shared,
-    client: &TcpStream,
-    upstream: &TcpStream,
-    (up, down): (&ByteCount, &ByteCount),
-    recheck: Option<&(dyn Fn() -> Result<(), ProxyError> + Sync)>,
-) -> Result<(u64, u64), ProxyError> {
-    let mut generation = shared.policies.subscribe();
+/// [`connect_from`] with the data path's mark and connect timeout.
+pub async fn connect_in(
+    inputs: &ProxyInputs,
+    from: &LocalPod,
+    addr: SocketAddr,
+) -> Result<TcpStream, ProxyError> {
+    connect_from(
+        from,
+        addr,
+        inputs.config.socket_mark,
+        inputs.config.connect_timeout,
+    )
+    .await
+}
+
+/// A connection's decision, re-made after each policy reload.
+pub type Recheck<'a> = &'a (dyn Fn() -> Result<(), ProxyError> + Sync);
+
+/// Runs `copy` until it ends; after every policy reload `recheck` decides
+/// again, and its error ends the connection instead (the caller resets
+/// both sides). The one re-check loop of every path.
+pub async fn rechecked<T>(
+    inputs: &ProxyInputs,
+    copy: impl Future<Output = Result<T, ProxyError>>,
+    recheck: Option<Recheck<'_>>,
+) -> Result<T, ProxyError> {
+    let mut generation = inputs.policies.subscribe();
     // A set that arrived since the first decision (during the connect) is
     // checked at once.
     generation.mark_changed();
-    let copied = {
-        let copy = splice::bidirectional(client, upstream, up, down);
-        tokio::pin!(copy);
-        loop {
-            tokio::select! {
-                r = &mut copy => break r.map_err(ProxyError::Transfer),
-                changed = generation.changed(), if recheck.is_some() => {
-                    if changed.is_err() {
-                        continue;
-                    }
-                    if let Some(Err(e)) = recheck.map(|f| f()) {
-                        break Err(e);
-                    }
+    tokio::pin!(copy);
+    loop {
+        tokio::select! {
+            r = &mut copy => return r,
+            changed = generation.changed(), if recheck.is_some() => {
+                if changed.is_err() {
+                    continue;
+                }
+                if let Some(Err(e)) = recheck.map(|f| f()) {
+                    return Err(e.after_reload());
                 }
             }
         }
+    }
+}
+
+/// Plain TCP both ways with splice (bytes counted as they flow) until both
+/// directions end, under policy re-checks. A failure resets the upstream
+/// side (the caller resets the client's). Returns bytes client->upstream,
+/// and back.
+pub async fn splice_rechecked(
+    inputs: &ProxyInputs,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    bytes: &connection::Bytes,
+    recheck: Option<Recheck<'_>>,
+) -> Result<(u64, u64), ProxyError> {
+    let copy = async {
+        splice::bidirectional(
+            client,
+            upstream,
+            &bytes.client_to_server,
+            &bytes.server_to_client,
+        )
+        .await
+        .map_err(ProxyError::Transfer)
     };
+    let copied = rechecked(inputs, copy, recheck).await;
     if copied.is_err() {
-        outbound::reset_on_close(upstream);
+        reset_on_close(upstream);
     }
     copied
 }
 
-/// Opens the destination report of a connection to a pod on this node:
-/// its service from the target port, and the source as already known.
-pub fn open_destination_report(
-    shared: &Shared,
-    pod: &LocalPod,
-    source: &Peer,
-    target_port: u16,
-    security: SecurityPolicy,
-) -> ConnectionTraffic {
-    let service = shared
-        .workloads
-        .borrow()
-        .service_of(&pod.pod, target_port)
-        .map(ServiceName::parse)
-        .unwrap_or_default();
-    shared.metrics.open(&[Report {
-        reporter: Reporter::Destination,
-        source,
-        destination: &Peer::pod(&pod.pod, &pod.identity),
-        service: &service,
-        security,
-    }])
-}
-
-/// Ends a connection's reports: its close in the metrics (with the flags in
-/// the entry, and as failed unless it ended `ok`) and its access-log line.
-pub fn finish(shared: &Shared, entry: Entry, traffic: Option<ConnectionTraffic>) {
-    if let Some(t) = traffic {
-        t.close(entry.response_flags, entry.result != "ok");
-    }
-    shared.access_log.log(entry);
+/// Linger 0: closing sends a reset, so the peer sees a failure, not an EOF.
+/// (A zero linger never blocks the closing thread.)
+pub fn reset_on_close(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
 /// Accepts on one of a pod's listeners until draining starts; each
 /// connection is served by `serve` in its own task and counted for drain.
 pub async fn accept_loop<F, Fut>(
-    shared: Arc<Shared>,
+    inputs: Arc<ProxyInputs>,
     pod: Arc<LocalPod>,
     listener: TcpListener,
     serve: F,
 ) where
-    F: Fn(Arc<Shared>, Arc<LocalPod>, TcpStream, SocketAddr) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
+    F: Fn(Arc<ProxyInputs>, Arc<LocalPod>, TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
 {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            () = shared.drain.stopped() => return,
+            () = inputs.drain.stopped() => return,
         };
         match accepted {
             Ok((stream, peer)) => {
-                let guard = shared.drain.connection();
-                let served = serve(shared.clone(), pod.clone(), stream, peer);
+                let guard = inputs.drain.connection();
+                let served = serve(inputs.clone(), pod.clone(), stream, peer);
                 tokio::spawn(async move {
                     served.await;
                     drop(guard);
@@ -295,7 +267,7 @@ pub async fn accept_loop<F, Fut>(
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 warn!(pod = %pod.pod.key(), "accept: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }

@@ -1,5 +1,11 @@
 //! HBONE client connections, pooled per (source identity, destination
 //! pod:15008): many CONNECT streams share one mTLS HTTP/2 connection.
+//!
+//! Callers that find no connection with room share one connect in flight
+//! (it runs in its own task, so a caller that gives up does not cancel it
+//! for the others), and a failed connect is remembered for
+//! [`FAILURE_MEMORY`]: callers in that time fail at once with the reason,
+//! so a dead node costs one timeout, not one per caller.
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -7,17 +13,24 @@ use std::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use bytes::Bytes;
 use h2::client::SendRequest;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
 use rustls_pki_types::ServerName;
+use tokio::{sync::watch, time::Instant};
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info};
 
-use super::{ProxyError, outbound::LocalPod};
-use crate::identity::{CertStore, Identity};
+use super::{LocalPod, ProxyError};
+use crate::{identity::Identity, tls::TlsContext};
 
 /// Streams per connection; past it another connection is opened (as
 /// ztunnel: min(100, the server's limit)), so a busy pool never queues.
@@ -27,7 +40,8 @@ const IDLE: Duration = Duration::from_secs(60);
 /// Keepalive: a PING this often, and the connection is dead without a PONG.
 const PING_EVERY: Duration = Duration::from_secs(10);
 const PING_TIMEOUT: Duration = Duration::from_secs(20);
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a failed connect answers for its destination.
+pub const FAILURE_MEMORY: Duration = Duration::from_secs(1);
 
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 struct Key {
@@ -35,10 +49,89 @@ struct Key {
     dst: SocketAddr,
 }
 
-struct Entry {
+struct Conn {
     send: SendRequest<Bytes>,
     last_used: Instant,
     active: Arc<AtomicUsize>,
+}
+
+/// A connect's outcome as every waiter sees it.
+#[derive(Clone)]
+enum Outcome {
+    Connected,
+    Failed(Arc<Failure>),
+}
+
+/// A failed connect, kept to answer callers for a while.
+struct Failure {
+    at: Instant,
+    error: FailedWith,
+}
+
+/// What is kept of the error: enough to give each caller the same one.
+#[derive(Clone)]
+enum FailedWith {
+    Timeout,
+    Tls {
+        code: &'static str,
+        reason: String,
+    },
+    Connect {
+        kind: std::io::ErrorKind,
+        reason: String,
+    },
+    Other(String),
+}
+
+impl FailedWith {
+    fn of(e: &ProxyError) -> Self {
+        match e {
+            ProxyError::HboneTimeout { .. } | ProxyError::ConnectTimeout { .. } => Self::Timeout,
+            ProxyError::Tls { code, reason, .. } => Self::Tls {
+                code,
+                reason: reason.clone(),
+            },
+            ProxyError::Connect { source, .. } => Self::Connect {
+                kind: source.kind(),
+                reason: source.to_string(),
+            },
+            other => Self::Other(other.to_string()),
+        }
+    }
+
+    /// The error of the connect itself, for the callers that waited on it.
+    fn error(&self, addr: SocketAddr) -> ProxyError {
+        match self.clone() {
+            Self::Timeout => ProxyError::HboneTimeout { addr },
+            Self::Tls { code, reason } => ProxyError::Tls { addr, code, reason },
+            Self::Connect { kind, reason } => ProxyError::Connect {
+                addr,
+                source: std::io::Error::new(kind, reason),
+            },
+            Self::Other(reason) => ProxyError::HboneRecentlyFailed {
+                addr,
+                reason,
+                ago_ms: 0,
+                retry_in_ms: FAILURE_MEMORY.as_millis(),
+            },
+        }
+    }
+
+    fn reason(&self) -> String {
+        match self {
+            Self::Timeout => "no answer in time".into(),
+            Self::Tls { code, reason } => format!("TLS failed ({code}): {reason}"),
+            Self::Connect { reason, .. } | Self::Other(reason) => reason.clone(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct KeyState {
+    conns: Vec<Conn>,
+    /// The connect in flight: its outcome once known.
+    connecting: Option<watch::Receiver<Option<Outcome>>>,
+    failed: Option<Arc<Failure>>,
 }
 
 /// Counts a stream as active on its pooled connection while held.
@@ -58,24 +151,25 @@ impl Drop for StreamGuard {
 }
 
 pub struct Pool {
-    certs: Arc<CertStore>,
+    tls: Arc<TlsContext>,
     socket_mark: u32,
     connect_timeout: Duration,
-    conns: Mutex<HashMap<Key, Vec<Entry>>>,
-    /// One connection attempt per key at a time: callers arriving together
-    /// share the new connection instead of each opening one.
-    connecting: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
+    keys: Mutex<HashMap<Key, KeyState>>,
     opened: AtomicUsize,
 }
 
+enum Next {
+    Use(SendRequest<Bytes>, Arc<AtomicUsize>),
+    Wait(watch::Receiver<Option<Outcome>>),
+}
+
 impl Pool {
-    pub fn new(certs: Arc<CertStore>, socket_mark: u32, connect_timeout: Duration) -> Arc<Self> {
+    pub fn new(tls: Arc<TlsContext>, socket_mark: u32, connect_timeout: Duration) -> Arc<Self> {
         let pool = Arc::new(Self {
-            certs,
+            tls,
             socket_mark,
             connect_timeout,
-            conns: Mutex::new(HashMap::new()),
-            connecting: Mutex::new(HashMap::new()),
+            keys: Mutex::new(HashMap::new()),
             opened: AtomicUsize::new(0),
         });
         let weak = Arc::downgrade(&pool);
@@ -99,40 +193,41 @@ impl Pool {
     pub fn usage(&self) -> (usize, usize) {
         self.lock()
             .values()
-            .flatten()
-            .fold((0, 0), |(conns, streams), e| {
-                (conns + 1, streams + e.active.load(Ordering::Acquire))
+            .flat_map(|s| &s.conns)
+            .fold((0, 0), |(conns, streams), c| {
+                (conns + 1, streams + c.active.load(Ordering::Acquire))
             })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Vec<Entry>>> {
-        self.conns.lock().unwrap_or_else(PoisonError::into_inner)
+    /// Registers `nodemesh_hbone_pool_*`, read at scrape time.
+    pub fn register_metrics(self: &Arc<Self>, registry: &mut Registry) {
+        registry.register_collector(Box::new(PoolCollector(Arc::downgrade(self))));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, KeyState>> {
+        self.keys.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn release_idle(&self) {
         let now = Instant::now();
-        self.lock().retain(|key, entries| {
-            entries.retain(|e| {
-                let keep = e.active.load(Ordering::Acquire) > 0 || now - e.last_used < IDLE;
+        self.lock().retain(|key, state| {
+            state.conns.retain(|c| {
+                let keep = c.active.load(Ordering::Acquire) > 0 || now - c.last_used < IDLE;
                 if !keep {
                     debug!(dst = %key.dst, "closing idle HBONE connection");
                 }
                 keep
             });
-            !entries.is_empty()
+            state.failed = state.failed.take().filter(|f| now - f.at < FAILURE_MEMORY);
+            !state.conns.is_empty() || state.connecting.is_some() || state.failed.is_some()
         });
-        let conns = self.lock();
-        self.connecting
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain(|k, gate| conns.contains_key(k) || Arc::strong_count(gate) > 1);
     }
 
     /// A ready sender on a pooled (or new) connection, and a guard that
     /// counts the stream until dropped.
     pub async fn sender(
-        &self,
-        src: &LocalPod,
+        self: &Arc<Self>,
+        src: &Arc<LocalPod>,
         dst: SocketAddr,
         expected: &Identity,
     ) -> Result<(SendRequest<Bytes>, StreamGuard), ProxyError> {
@@ -140,61 +235,140 @@ impl Pool {
             src: src.identity.clone(),
             dst,
         };
-        let gate = self
-            .connecting
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(key.clone())
-            .or_default()
-            .clone();
-        let _connecting = gate.lock().await;
+        // A pooled connection that turns out dead is dropped and another
+        // tried, a few times at most (a peer that accepts and closes at
+        // once must not keep a caller looping).
+        let mut dead = 0;
         loop {
-            // A pooled connection with room for another stream...
-            let pooled = self.lock().get(&key).and_then(|entries| {
-                entries
-                    .iter()
-                    .find(|e| e.active.load(Ordering::Acquire) < MAX_STREAMS)
-                    .map(|e| (e.send.clone(), e.active.clone()))
-            });
-            let Some((send, active)) = pooled else { break };
-            // Counted before awaiting, so concurrent callers spread out.
-            let guard = StreamGuard::new(active.clone());
-            match send.ready().await {
-                Ok(ready) => {
-                    self.touch(&key, &active);
-                    return Ok((ready, guard));
+            match self.next(&key, src, expected)? {
+                Next::Use(send, active) => {
+                    // Counted before awaiting, so concurrent callers spread out.
+                    let guard = StreamGuard::new(active.clone());
+                    match send.ready().await {
+                        Ok(ready) => {
+                            self.touch(&key, &active);
+                            return Ok((ready, guard));
+                        }
+                        Err(e) => {
+                            debug!(%dst, "pooled HBONE connection gone ({e}); dropping it");
+                            if let Some(state) = self.lock().get_mut(&key) {
+                                state.conns.retain(|c| !Arc::ptr_eq(&c.active, &active));
+                            }
+                            dead += 1;
+                            if dead == 4 {
+                                return Err(ProxyError::HboneRecentlyFailed {
+                                    addr: dst,
+                                    reason: "every new connection closed before its first stream"
+                                        .into(),
+                                    ago_ms: 0,
+                                    retry_in_ms: 0,
+                                });
+                            }
+                        }
+                    }
                 }
-                Err(e) => {
-                    debug!(%dst, "pooled HBONE connection gone ({e}); dropping it");
-                    if let Some(entries) = self.lock().get_mut(&key) {
-                        entries.retain(|e| !Arc::ptr_eq(&e.active, &active));
+                Next::Wait(mut rx) => {
+                    let outcome = rx
+                        .wait_for(Option::is_some)
+                        .await
+                        .map(|o| o.clone())
+                        .ok()
+                        .flatten();
+                    match outcome {
+                        Some(Outcome::Connected) => continue,
+                        Some(Outcome::Failed(f)) => return Err(f.error.error(dst)),
+                        // The connecting task ended without a word (the
+                        // runtime is shutting down).
+                        None => {
+                            return Err(ProxyError::HboneRecentlyFailed {
+                                addr: dst,
+                                reason: "connect abandoned".into(),
+                                ago_ms: 0,
+                                retry_in_ms: 0,
+                            });
+                        }
                     }
                 }
             }
         }
-        // ...or a new one.
-        let send = self.connect(src, dst, expected).await?;
-        let active = Arc::new(AtomicUsize::new(0));
-        let guard = StreamGuard::new(active.clone());
-        self.lock().entry(key).or_default().push(Entry {
-            send: send.clone(),
-            last_used: Instant::now(),
-            active,
+    }
+
+    /// What to do now for `key`: use a connection with room, wait for the
+    /// connect in flight (starting one if none is), or fail at once while
+    /// a recent failure stands.
+    fn next(
+        self: &Arc<Self>,
+        key: &Key,
+        src: &Arc<LocalPod>,
+        expected: &Identity,
+    ) -> Result<Next, ProxyError> {
+        let mut keys = self.lock();
+        let state = keys.entry(key.clone()).or_default();
+        if let Some(c) = state
+            .conns
+            .iter()
+            .find(|c| c.active.load(Ordering::Acquire) < MAX_STREAMS)
+        {
+            return Ok(Next::Use(c.send.clone(), c.active.clone()));
+        }
+        if let Some(rx) = &state.connecting {
+            return Ok(Next::Wait(rx.clone()));
+        }
+        let now = Instant::now();
+        if let Some(f) = state
+            .failed
+            .as_ref()
+            .filter(|f| now - f.at < FAILURE_MEMORY)
+        {
+            let ago = now - f.at;
+            return Err(ProxyError::HboneRecentlyFailed {
+                addr: key.dst,
+                reason: f.error.reason(),
+                ago_ms: ago.as_millis(),
+                retry_in_ms: (FAILURE_MEMORY - ago).as_millis(),
+            });
+        }
+        let (tx, rx) = watch::channel(None);
+        state.connecting = Some(rx.clone());
+        let (pool, key, src, expected) = (self.clone(), key.clone(), src.clone(), expected.clone());
+        tokio::spawn(async move {
+            let connected = pool.connect(&src, key.dst, &expected).await;
+            let outcome = {
+                let mut keys = pool.lock();
+                let state = keys.entry(key).or_default();
+                state.connecting = None;
+                match connected {
+                    Ok(send) => {
+                        state.failed = None;
+                        state.conns.push(Conn {
+                            send,
+                            last_used: Instant::now(),
+                            active: Arc::new(AtomicUsize::new(0)),
+                        });
+                        Outcome::Connected
+                    }
+                    Err(e) => {
+                        let failure = Arc::new(Failure {
+                            at: Instant::now(),
+                            error: FailedWith::of(&e),
+                        });
+                        state.failed = Some(failure.clone());
+                        Outcome::Failed(failure)
+                    }
+                }
+            };
+            let _ = tx.send(Some(outcome));
         });
-        let ready = send
-            .ready()
-            .await
-            .map_err(|source| ProxyError::Hbone { addr: dst, source })?;
-        Ok((ready, guard))
+        Ok(Next::Wait(rx))
     }
 
     fn touch(&self, key: &Key, active: &Arc<AtomicUsize>) {
-        if let Some(e) = self
+        if let Some(c) = self
             .lock()
             .get_mut(key)
-            .and_then(|entries| entries.iter_mut().find(|e| Arc::ptr_eq(&e.active, active)))
+            .and_then(|s| s.conns.iter_mut().find(|c| Arc::ptr_eq(&c.active, active)))
         {
-            e.last_used = Instant::now();
+            c.last_used = Instant::now();
         }
     }
 
@@ -211,17 +385,19 @@ impl Pool {
                 other => other,
             })?;
         let config = self
-            .certs
+            .tls
             .client_config(&src.identity, expected.clone())
+            .await
             .map_err(|e| ProxyError::Tls {
                 addr: dst,
                 code: "client_config",
                 reason: e.to_string(),
             })?;
-        // No SNI is sent; the name only satisfies the API.
+        // No SNI is sent; the name only satisfies the API. The handshake
+        // gets the connect timeout too: both establish the connection.
         let name = ServerName::IpAddress(dst.ip().into());
         let tls = tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
+            self.connect_timeout,
             TlsConnector::from(config).connect(name, tcp),
         )
         .await
@@ -272,4 +448,38 @@ fn h2_client() -> h2::client::Builder {
         .initial_max_send_streams(MAX_STREAMS)
         .enable_push(false);
     b
+}
+
+#[derive(Debug)]
+struct PoolCollector(std::sync::Weak<Pool>);
+
+impl Collector for PoolCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let Some(pool) = self.0.upgrade() else {
+            return Ok(());
+        };
+        let (connections, streams) = pool.usage();
+        let gauge = ConstGauge::new(connections as i64);
+        gauge.encode(encoder.encode_descriptor(
+            "hbone_pool_connections",
+            "Pooled HBONE client connections.",
+            None,
+            gauge.metric_type(),
+        )?)?;
+        let gauge = ConstGauge::new(streams as i64);
+        gauge.encode(encoder.encode_descriptor(
+            "hbone_pool_streams",
+            "CONNECT streams open on pooled HBONE client connections.",
+            None,
+            gauge.metric_type(),
+        )?)?;
+        let opened = ConstCounter::new(pool.opened() as u64);
+        opened.encode(encoder.encode_descriptor(
+            "hbone_pool_connections_opened",
+            "HBONE client connections opened.",
+            None,
+            opened.metric_type(),
+        )?)?;
+        Ok(())
+    }
 }

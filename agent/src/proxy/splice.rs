@@ -15,7 +15,7 @@ use nix::{
 };
 use tokio::{io::Interest, net::TcpStream};
 
-use crate::metrics::ByteCount;
+use super::metrics::ByteCount;
 
 /// Pipe capacity per direction; larger pipes mean fewer syscalls in bulk.
 const PIPE_SIZE: usize = 256 * 1024;

@@ -1,7 +1,10 @@
-//! What the agent knows about workloads: pods and services, and where that
-//! knowledge comes from (a file now; the Kubernetes API later).
-mod source;
-mod workloads;
+//! What the agent knows about workloads: pods and services, kept in one
+//! incrementally indexed store, and the sources that update it (the
+//! workloads file now; the Kubernetes API next).
+pub mod file;
+mod model;
+mod store;
 
-pub use source::{FileWorkloadSource, WorkloadSource};
-pub use workloads::{Pod, PodKey, Resolved, Service, ServicePort, Workloads, WorkloadsFile};
+pub use file::{FileWorkloadSource, WorkloadsFile};
+pub use model::{Endpoint, Pod, PodKey, Resolved, Service, ServiceKey, ServicePort};
+pub use store::{StateMetrics, WorkloadStore, WorkloadUpdate};

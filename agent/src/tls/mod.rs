@@ -2,19 +2,25 @@
 //! authentication with X.509-SVIDs, no SNI, no resumption.
 mod verify;
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{Arc, Mutex, PoisonError},
+};
 
 use rustls::{
     ClientConfig, ServerConfig,
     client::Resumption,
     crypto::{CryptoProvider, ring},
 };
+use rustls_pki_types::{CertificateDer, pem::PemObject as _};
+use tracing::warn;
 
 pub use verify::{
     ClientIdentityVerifier, ServerIdentityVerifier, SvidError, TrustBundle, svid_identity,
 };
 
-use crate::identity::{Identity, WorkloadCert};
+use crate::identity::{CaError, CertManager, Identity, WorkloadCert};
 
 pub const ALPN_H2: &[u8] = b"h2";
 
@@ -32,6 +38,128 @@ pub fn provider() -> Arc<CryptoProvider> {
 pub enum TlsConfigError {
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error("trust bundle {path}: {message}")]
+    Bundle { path: String, message: String },
+}
+
+/// Reads every certificate in a PEM file (a bundle may hold several roots).
+pub fn read_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
+    let err = |message: String| TlsConfigError::Bundle {
+        path: path.display().to_string(),
+        message,
+    };
+    let bytes =
+        crate::files::read(path, crate::files::MAX_CONFIG_BYTES).map_err(|e| err(e.to_string()))?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|e| err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(err("no certificates in the file".into()));
+    }
+    Ok(certs)
+}
+
+/// Each identity's certificate and the server configuration presenting it.
+type ServerConfigs = HashMap<Identity, (Arc<WorkloadCert>, Arc<ServerConfig>)>;
+
+/// The TLS side of the mesh: the trust bundle every handshake checks peers
+/// against, and the rustls configurations of the local workloads' current
+/// certificates (a server configuration is built once per certificate).
+pub struct TlsContext {
+    certs: Arc<CertManager>,
+    bundle: Arc<TrustBundle>,
+    /// The root this agent's certificates chain to, when it is known (a
+    /// file CA): a bundle without it is warned about.
+    issuer_root: Option<CertificateDer<'static>>,
+    servers: Mutex<ServerConfigs>,
+}
+
+impl TlsContext {
+    pub fn new(
+        certs: Arc<CertManager>,
+        bundle: Arc<TrustBundle>,
+        issuer_root: Option<CertificateDer<'static>>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            certs,
+            bundle,
+            issuer_root,
+            servers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn certs(&self) -> &Arc<CertManager> {
+        &self.certs
+    }
+
+    pub fn bundle(&self) -> &Arc<TrustBundle> {
+        &self.bundle
+    }
+
+    /// The server side of a destination pod.
+    pub async fn server_config(&self, id: &Identity) -> Result<Arc<ServerConfig>, TlsConfigError> {
+        let cert = self.certs.get(id).await?;
+        let mut servers = self.servers.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((c, config)) = servers.get(id)
+            && Arc::ptr_eq(c, &cert)
+        {
+            return Ok(config.clone());
+        }
+        let config = Arc::new(server_config(&cert, self.bundle.clone())?);
+        servers.insert(id.clone(), (cert, config.clone()));
+        Ok(config)
+    }
+
+    /// The client side of `src` towards a server that must be `expected`.
+    pub async fn client_config(
+        &self,
+        src: &Identity,
+        expected: Identity,
+    ) -> Result<Arc<ClientConfig>, TlsConfigError> {
+        let cert = self.certs.get(src).await?;
+        Ok(Arc::new(client_config(
+            &cert,
+            self.bundle.clone(),
+            expected,
+        )?))
+    }
+
+    /// Forgets an identity no local pod runs as any more.
+    pub fn forget(&self, id: &Identity) {
+        self.certs.forget(id);
+        self.servers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
+    }
+
+    /// Warns when `roots` lack the root this agent's certificates chain to:
+    /// every peer with the same bundle would then refuse them.
+    pub fn check_roots(&self, path: &Path, roots: &[CertificateDer<'_>]) {
+        if let Some(own) = &self.issuer_root
+            && !roots.iter().any(|r| r.as_ref() == own.as_ref())
+        {
+            warn!(
+                file = %path.display(),
+                "the trust bundle does not hold the CA certificate this agent issues from: peers will refuse this node's certificates (during a rotation, list the old and new roots together)"
+            );
+        }
+    }
+
+    /// Rereads the trust bundle file; a bad file leaves the old roots.
+    pub fn reload_bundle(&self, path: &Path) -> Result<usize, TlsConfigError> {
+        let roots = read_bundle(path)?;
+        self.bundle
+            .replace(&roots)
+            .map_err(|e| TlsConfigError::Bundle {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+        self.check_roots(path, &roots);
+        Ok(roots.len())
+    }
 }
 
 /// The server side of a destination pod: presents its certificate, demands

@@ -10,7 +10,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Server
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::*;
-use crate::identity::{CertificateAuthority, FileCa, WorkloadCert, ca::leaf_params, ca::new_root};
+use crate::identity::{FileCa, WorkloadCert, ca::leaf_params, ca::new_root};
 
 const TD: &str = "cluster.local";
 const DAY: Duration = Duration::from_secs(86400);
@@ -29,6 +29,7 @@ impl TestCa {
             &key_pem,
             Path::new("ca.pem"),
             Path::new("ca.key"),
+            DAY,
         )
         .unwrap();
         Self {
@@ -43,7 +44,7 @@ impl TestCa {
     }
 
     fn issue(&self, id: &Identity) -> WorkloadCert {
-        self.ca.issue(id, DAY).unwrap()
+        self.ca.sign(id).unwrap()
     }
 
     /// A leaf from arbitrary parameters, signed by this CA.
@@ -248,4 +249,24 @@ fn issued_leaves_follow_the_svid_rules() {
     let half = cert.renew_at();
     assert!(half > SystemTime::now() + DAY / 2 - Duration::from_secs(5));
     assert!(half <= SystemTime::now() + DAY / 2);
+}
+
+#[test]
+fn a_ca_key_that_is_not_the_certificates_is_refused() {
+    let (cert, _) = new_root(TD).unwrap();
+    let (_, other_key) = new_root(TD).unwrap();
+    let err = FileCa::from_pem(
+        &cert,
+        &other_key,
+        Path::new("ca.pem"),
+        Path::new("ca.key"),
+        DAY,
+    )
+    .err()
+    .expect("a mismatched key must be refused")
+    .to_string();
+    assert!(
+        err.starts_with("ca.key: this key is not the key of the CA certificate ca.pem"),
+        "{err}"
+    );
 }

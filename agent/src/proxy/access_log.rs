@@ -1,11 +1,15 @@
 //! One line per connection (JSON or `key=value` text), written off the
-//! data path.
-use std::{io::Write as _, path::Path};
+//! data path, rotated by size (one previous file is kept as `<file>.1`).
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+};
 
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::{config::AccessLogFormat, metrics::ResponseFlags};
+use super::error::ResponseFlags;
+use crate::config::AccessLogFormat;
 
 #[derive(Debug, Serialize)]
 pub struct Entry {
@@ -17,8 +21,13 @@ pub struct Entry {
     pub duration_ms: u128,
     /// `namespace/name` of the pod that connected (source reports).
     pub src_workload: Option<String>,
+    /// The TCP peer (destination reports: the source pod's address, as
+    /// the connection arrived).
     pub src_addr: String,
     pub src_identity: Option<String>,
+    /// What the peer agent's `forwarded` header claims the application's
+    /// address was: telemetry only, never verified, never used to decide.
+    pub forwarded_for: Option<String>,
     /// Where the application was connecting to (from the kernel), or the
     /// HBONE authority (destination reports).
     pub orig_dst: String,
@@ -54,6 +63,7 @@ impl Entry {
             duration_ms: 0,
             src_workload: None,
             src_addr: src_addr.to_string(),
+            forwarded_for: None,
             src_identity: None,
             orig_dst: String::new(),
             service: None,
@@ -82,13 +92,14 @@ impl Entry {
                 Some(v) => v.into(),
             }
         }
-        let fields: [(&str, String); 18] = [
+        let fields: [(&str, String); 19] = [
             ("reporter", self.reporter.into()),
             ("start_ms", self.start_ms.to_string()),
             ("duration_ms", self.duration_ms.to_string()),
             ("src_workload", value(self.src_workload.as_deref())),
             ("src_addr", value(Some(&self.src_addr))),
             ("src_identity", value(self.src_identity.as_deref())),
+            ("forwarded_for", value(self.forwarded_for.as_deref())),
             ("orig_dst", value(Some(&self.orig_dst))),
             ("service", value(self.service.as_deref())),
             ("dst_workload", value(self.dst_workload.as_deref())),
@@ -123,28 +134,25 @@ impl AccessLog {
         Self { tx: None }
     }
 
-    pub fn open(path: &Path, format: AccessLogFormat) -> std::io::Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
+    /// Appends to `path`; past `max_bytes` the file is renamed to
+    /// `<path>.1` (replacing the previous one) and a new one started.
+    pub fn open(path: &Path, format: AccessLogFormat, max_bytes: u64) -> std::io::Result<Self> {
+        let mut out = Rotating::open(path, max_bytes)?;
         let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
         std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || {
-                let mut out = std::io::BufWriter::new(file);
-                let handle = |m: Message, out: &mut std::io::BufWriter<std::fs::File>| match m {
+                let handle = |m: Message, out: &mut Rotating| match m {
                     Message::Entry(e) => {
-                        let _ = match format {
-                            AccessLogFormat::Json => {
-                                serde_json::to_writer(&mut *out, &e).map_err(std::io::Error::from)
-                            }
-                            AccessLogFormat::Text => out.write_all(e.to_text().as_bytes()),
+                        let mut line = match format {
+                            AccessLogFormat::Json => serde_json::to_vec(&e).unwrap_or_default(),
+                            AccessLogFormat::Text => e.to_text().into_bytes(),
                         };
-                        let _ = out.write_all(b"\n");
+                        line.push(b'\n');
+                        out.write(&line);
                     }
                     Message::Flush(done) => {
-                        let _ = out.flush();
+                        out.flush();
                         let _ = done.send(());
                     }
                 };
@@ -154,7 +162,7 @@ impl AccessLog {
                     while let Ok(more) = rx.try_recv() {
                         handle(more, &mut out);
                     }
-                    let _ = out.flush();
+                    out.flush();
                 }
             })?;
         Ok(Self { tx: Some(tx) })
@@ -174,6 +182,56 @@ impl AccessLog {
                 let _ = done_rx.recv_timeout(limit);
             }
         }
+    }
+}
+
+/// A file that starts anew past a size, keeping one previous file.
+struct Rotating {
+    path: PathBuf,
+    max_bytes: u64,
+    written: u64,
+    out: std::io::BufWriter<std::fs::File>,
+}
+
+impl Rotating {
+    fn open(path: &Path, max_bytes: u64) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        let written = file.metadata()?.len();
+        Ok(Self {
+            path: path.to_owned(),
+            max_bytes,
+            written,
+            out: std::io::BufWriter::new(file),
+        })
+    }
+
+    fn write(&mut self, line: &[u8]) {
+        if self.written > 0 && self.written + line.len() as u64 > self.max_bytes {
+            self.rotate();
+        }
+        if self.out.write_all(line).is_ok() {
+            self.written += line.len() as u64;
+        }
+    }
+
+    fn rotate(&mut self) {
+        let _ = self.out.flush();
+        let mut old = self.path.clone().into_os_string();
+        old.push(".1");
+        if let Err(e) = std::fs::rename(&self.path, &old) {
+            tracing::warn!(file = %self.path.display(), "rotating the access log: {e}");
+        }
+        match Self::open(&self.path, self.max_bytes) {
+            Ok(new) => *self = new,
+            Err(e) => tracing::warn!(file = %self.path.display(), "reopening the access log: {e}"),
+        }
+    }
+
+    fn flush(&mut self) {
+        let _ = self.out.flush();
     }
 }
 
@@ -202,5 +260,26 @@ mod tests {
         );
         let json = serde_json::to_value(&e).unwrap();
         assert_eq!(json["response_flags"], "DENY");
+    }
+
+    #[test]
+    fn rotates_past_the_size_limit_keeping_one_file() {
+        let dir = std::env::temp_dir().join(format!("nm-alog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("access.log");
+        let log = AccessLog::open(&path, AccessLogFormat::Json, 2000).unwrap();
+        for _ in 0..20 {
+            log.log(Entry::new("source", ([10, 0, 0, 1], 4000).into()));
+            log.flush(std::time::Duration::from_secs(2));
+        }
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let rotated = dir.join("access.log.1");
+        assert!(size(&path) <= 2000 && size(&path) > 0, "{}", size(&path));
+        assert!(
+            size(&rotated) <= 2000 && size(&rotated) > 1000,
+            "{}",
+            size(&rotated)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
