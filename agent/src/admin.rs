@@ -1,20 +1,41 @@
-//! The admin server: `/metrics`, `/healthz/ready`, `/healthz/live` and a
-//! read-only `/config_dump`. Every endpoint is GET-only and changes
-//! nothing; no response carries keys or tokens.
+//! The agent's HTTP servers, all read-only and GET-only; nothing changes
+//! state, no response carries keys or tokens. Three servers, as ztunnel's:
+//! - admin (`adminAddress`, loopback only): every endpoint, `/config_dump`
+//!   among them;
+//! - stats (`statsAddress`): `/metrics`, `/stats/prometheus`, for Prometheus;
+//! - readiness (`readinessAddress`): `/healthz/ready`, `/healthz/live`.
+//!
+//! Each is bounded: at most `limits.maxAdminConnections` connections (a
+//! quarter of them per source address), headers within
+//! `adminHeaderTimeoutSeconds`, a connection closed after
+//! `adminConnectionTimeoutSeconds`. A connection past a cap is closed at
+//! once and counted, so idle clients cannot take the agent's descriptors.
 use std::{
+    collections::HashMap,
     convert::Infallible,
-    sync::{Arc, OnceLock},
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex, OnceLock, PoisonError},
+    time::Duration,
 };
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+};
 use tokio::net::TcpListener;
-use tracing::debug;
+use tracing::{debug, warn};
 
-use crate::{config::Config, metrics::MetricsRegistry, proxy::ProxyInputs, readiness::Readiness};
+use crate::{
+    config::{Config, Limits},
+    metrics::MetricsRegistry,
+    proxy::ProxyInputs,
+    readiness::Readiness,
+};
 
 const OPENMETRICS: &str = "application/openmetrics-text;charset=utf-8;version=1.0.0";
 const TEXT: &str = "text/plain; charset=utf-8";
@@ -23,17 +44,60 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Builds the `/config_dump` document on each request.
 pub type ConfigDump = Box<dyn Fn() -> serde_json::Value + Send + Sync>;
 
+/// Which server a request came to, and so what it may ask for.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Server {
+    Admin,
+    Stats,
+    Readiness,
+}
+
+impl Server {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::Stats => "stats",
+            Self::Readiness => "readiness",
+        }
+    }
+
+    fn serves(self, path: &str) -> bool {
+        match self {
+            Self::Admin => true,
+            Self::Stats => matches!(path, "/metrics" | "/stats/prometheus"),
+            Self::Readiness => matches!(path, "/healthz/ready" | "/healthz/live"),
+        }
+    }
+
+    fn index(self) -> &'static str {
+        match self {
+            Self::Admin => "endpoints: /metrics /healthz/ready /healthz/live /config_dump\n",
+            Self::Stats => {
+                "endpoints: /metrics /stats/prometheus (admin endpoints are on adminAddress)\n"
+            }
+            Self::Readiness => "endpoints: /healthz/ready /healthz/live\n",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    server: &'static str,
+    reason: &'static str,
+}
+
 pub struct Admin {
     metrics: Arc<MetricsRegistry>,
     readiness: Readiness,
     config_dump: OnceLock<ConfigDump>,
-    address: std::net::SocketAddr,
+    addresses: HashMap<Server, SocketAddr>,
+    refused: Family<RefusedLabels, Counter>,
 }
 
 impl Admin {
-    /// Where it listens.
-    pub fn address(&self) -> std::net::SocketAddr {
-        self.address
+    /// Where `server` listens.
+    pub fn address(&self, server: Server) -> SocketAddr {
+        self.addresses[&server]
     }
 
     /// Set once the state it shows exists; until then `/config_dump` is 503.
@@ -41,7 +105,7 @@ impl Admin {
         let _ = self.config_dump.set(dump);
     }
 
-    fn respond(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    fn respond(&self, server: Server, request: &Request<Incoming>) -> Response<Full<Bytes>> {
         if request.method() != Method::GET && request.method() != Method::HEAD {
             return reply(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -49,7 +113,11 @@ impl Admin {
                 "read-only: GET only\n".into(),
             );
         }
-        match request.uri().path() {
+        let path = request.uri().path();
+        if !server.serves(path) {
+            return reply(StatusCode::NOT_FOUND, TEXT, server.index().into());
+        }
+        match path {
             "/metrics" | "/stats/prometheus" => self.metrics(request),
             "/healthz/live" => reply(StatusCode::OK, TEXT, "live\n".into()),
             "/healthz/ready" => {
@@ -75,11 +143,7 @@ impl Admin {
                     "starting: no state yet\n".into(),
                 ),
             },
-            _ => reply(
-                StatusCode::NOT_FOUND,
-                TEXT,
-                "endpoints: /metrics /healthz/ready /healthz/live /config_dump\n".into(),
-            ),
+            _ => reply(StatusCode::NOT_FOUND, TEXT, server.index().into()),
         }
     }
 
@@ -148,25 +212,50 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
     response
 }
 
-/// Binds `address` and serves there until the process ends.
+/// Binds the three servers and serves there until the process ends.
 pub async fn start(
-    address: std::net::SocketAddr,
+    config: &Config,
     metrics: Arc<MetricsRegistry>,
     readiness: Readiness,
 ) -> anyhow::Result<Arc<Admin>> {
     use anyhow::Context as _;
-    let listener = TcpListener::bind(address)
-        .await
-        .with_context(|| format!("admin server on {address} (adminAddress)"))?;
-    let address = listener.local_addr()?;
+    let mut listeners = Vec::new();
+    let mut addresses = HashMap::new();
+    for (server, address, field) in [
+        (Server::Admin, config.admin_address, "adminAddress"),
+        (Server::Stats, config.stats_address, "statsAddress"),
+        (
+            Server::Readiness,
+            config.readiness_address,
+            "readinessAddress",
+        ),
+    ] {
+        let listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("{} server on {address} ({field})", server.name()))?;
+        let bound = listener.local_addr()?;
+        tracing::info!(address = %bound, "{} server listening", server.name());
+        addresses.insert(server, bound);
+        listeners.push((server, listener));
+    }
+    let refused = Family::<RefusedLabels, Counter>::default();
+    metrics.own(|r| {
+        r.register(
+            "admin_connections_refused",
+            "Connections to the admin, stats and readiness servers closed at once, by server and reason (limit, per_source)",
+            refused.clone(),
+        )
+    });
     let admin = Arc::new(Admin {
         metrics,
         readiness,
         config_dump: OnceLock::new(),
-        address,
+        addresses,
+        refused,
     });
-    tokio::spawn(serve(admin.clone(), listener));
-    tracing::info!(%address, "admin server listening");
+    for (server, listener) in listeners {
+        tokio::spawn(serve(admin.clone(), server, listener, config.limits));
+    }
     Ok(admin)
 }
 
@@ -222,28 +311,113 @@ pub fn config_dump(config: Config, inputs: Arc<ProxyInputs>) -> ConfigDump {
     })
 }
 
+/// Connections open to one server, in all and per source address.
+#[derive(Default)]
+struct Open {
+    total: usize,
+    per_source: HashMap<IpAddr, usize>,
+}
+
+/// Held by an admitted connection.
+struct Slot {
+    open: Arc<Mutex<Open>>,
+    source: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        open.total -= 1;
+        if let Some(n) = open.per_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                open.per_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// Admits a connection from `source` within the caps, or says which it hit.
+fn admit(open: &Arc<Mutex<Open>>, source: IpAddr, limits: &Limits) -> Result<Slot, &'static str> {
+    let max = limits.max_admin_connections;
+    let per_source = (max / 4).max(1);
+    let mut o = open.lock().unwrap_or_else(PoisonError::into_inner);
+    if o.total >= max {
+        return Err("limit");
+    }
+    let n = o.per_source.entry(source).or_default();
+    if *n >= per_source {
+        return Err("per_source");
+    }
+    *n += 1;
+    o.total += 1;
+    Ok(Slot {
+        open: open.clone(),
+        source,
+    })
+}
+
 /// Serves HTTP/1.1 on `listener` until the process ends.
-async fn serve(admin: Arc<Admin>, listener: TcpListener) {
+async fn serve(admin: Arc<Admin>, server: Server, listener: TcpListener, limits: Limits) {
+    let open = Arc::new(Mutex::new(Open::default()));
+    let header_timeout = Duration::from_secs(limits.admin_header_timeout_seconds);
+    let connection_timeout = Duration::from_secs(limits.admin_connection_timeout_seconds);
+    let mut refused_since_warning = 0u64;
+    let mut last_warning = tokio::time::Instant::now();
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match listener.accept().await {
+            Ok(a) => a,
             Err(e) => {
-                debug!("admin accept: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                debug!("{} accept: {e}", server.name());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let slot = match admit(&open, peer.ip(), &limits) {
+            Ok(slot) => slot,
+            Err(reason) => {
+                admin
+                    .refused
+                    .get_or_create(&RefusedLabels {
+                        server: server.name(),
+                        reason,
+                    })
+                    .inc();
+                // Closed at once; the warning at most once a second.
+                refused_since_warning += 1;
+                if last_warning.elapsed() >= Duration::from_secs(1) {
+                    warn!(
+                        server = server.name(),
+                        %peer,
+                        reason,
+                        refused = refused_since_warning,
+                        "connections refused: the server is at its connection limit (limits.maxAdminConnections)"
+                    );
+                    refused_since_warning = 0;
+                    last_warning = tokio::time::Instant::now();
+                }
+                drop(stream);
                 continue;
             }
         };
         let admin = admin.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |request: Request<Incoming>| {
-                let response = admin.respond(&request);
+                let response = admin.respond(server, &request);
                 async move { Ok::<_, Infallible>(response) }
             });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!("admin connection: {e}");
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(connection_timeout, conn).await {
+                Ok(Err(e)) => debug!("{} connection: {e}", server.name()),
+                Err(_) => debug!(
+                    "{} connection closed after {connection_timeout:?}",
+                    server.name()
+                ),
+                Ok(Ok(())) => {}
             }
         });
     }

@@ -10,7 +10,7 @@ use tokio::signal::unix::SignalKind;
 use tracing::{error, info, warn};
 
 use crate::{
-    admin::{self, Admin},
+    admin::{self, Admin, Server},
     config::Config,
     datapath::{Datapath, PodNetworks},
     drain::Drain,
@@ -22,8 +22,8 @@ use crate::{
     metrics::MetricsRegistry,
     policy::{PolicyMetrics, PolicyStore},
     proxy::{
-        ProxyConfig, ProxyInputs, access_log::AccessLog, balance::Balancer, metrics::ProxyMetrics,
-        pool::Pool,
+        ProxyConfig, ProxyInputs, access_log::AccessLog, balance::Balancer, limits::Limits,
+        metrics::ProxyMetrics, pool::Pool,
     },
     readiness::Readiness,
     state::{FileWorkloadSource, StateMetrics, WorkloadStore, WorkloadsFile},
@@ -79,7 +79,7 @@ pub async fn build(config: Config, components: Components) -> anyhow::Result<Bou
     let attached = readiness.pending("programs attached");
     let policy_loaded = readiness.pending("policy set loaded");
     let certificates = readiness.pending("local workload certificates issued");
-    let admin = admin::start(config.admin_address, registry.clone(), readiness).await?;
+    let admin = admin::start(&config, registry.clone(), readiness).await?;
 
     // Everything that can be wrong in files is checked before the kernel is
     // touched.
@@ -150,16 +150,18 @@ pub async fn build(config: Config, components: Components) -> anyhow::Result<Bou
     let workload_source =
         FileWorkloadSource::start(&workloads_file, workloads.clone(), reloads.clone())
             .map_err(anyhow::Error::msg)?;
-    let pool = Pool::new(tls.clone(), config.socket_mark, config.connect_timeout());
+    let proxy_config = ProxyConfig::from_config(&config);
+    let pool = Pool::new(tls.clone(), proxy_config.sockets.clone(), &config.hbone);
     registry.own(|r| pool.register_metrics(r));
     let inputs = Arc::new(ProxyInputs {
-        config: ProxyConfig::from_config(&config),
+        config: proxy_config,
         datapath,
         workloads,
         balancer: Balancer::new(),
         tls: tls.clone(),
         pool,
         policies: policies.clone(),
+        limits: registry.own(|r| Limits::new(&config.limits, r)),
         access_log,
         metrics: ProxyMetrics::new(&registry),
         drain: Drain::default(),
@@ -191,7 +193,8 @@ pub async fn build(config: Config, components: Components) -> anyhow::Result<Bou
     info!(
         node = %inputs.workloads.node(),
         enrolled = enrolment.enrolled(),
-        admin = %admin.address(),
+        admin = %admin.address(Server::Admin),
+        stats = %admin.address(Server::Stats),
         "nodemesh agent ready"
     );
     Ok(Bound {
@@ -209,9 +212,10 @@ impl Bound {
         &self.inputs
     }
 
-    /// Where the admin server listens (its port when configured as 0).
-    pub fn admin_address(&self) -> SocketAddr {
-        self.admin.address()
+    /// Where one of the agent's servers listens (its port when configured
+    /// as 0).
+    pub fn address(&self, server: Server) -> SocketAddr {
+        self.admin.address(server)
     }
 
     /// Keeps enrolment in line with the workload state until `shutdown`

@@ -70,16 +70,112 @@ pub struct Config {
     /// before is dropped) and a new one started.
     #[serde(default = "default_access_log_max_bytes")]
     pub access_log_max_bytes: u64,
-    /// The admin server: `/metrics`, `/healthz/ready`, `/healthz/live`,
-    /// `/config_dump` (all read-only). Prometheus must reach it.
+    /// The admin server: every endpoint, `/config_dump` included. Loopback
+    /// only (as ztunnel's 15000).
     #[serde(default = "default_admin_address")]
     pub admin_address: std::net::SocketAddr,
+    /// `/metrics` and `/stats/prometheus`, for Prometheus (ztunnel's 15020).
+    #[serde(default = "default_stats_address")]
+    pub stats_address: std::net::SocketAddr,
+    /// `/healthz/ready` and `/healthz/live`, for the kubelet (ztunnel's 15021).
+    #[serde(default = "default_readiness_address")]
+    pub readiness_address: std::net::SocketAddr,
+    /// Bounds on what clients may make the agent hold.
+    #[serde(default)]
+    pub limits: Limits,
+    /// TCP keepalive on every socket of the agent; a peer that stops
+    /// answering is given up after `timeSeconds + intervalSeconds × probes`
+    /// (also the TCP_USER_TIMEOUT for unacknowledged data).
+    #[serde(default)]
+    pub tcp_keepalive: TcpKeepalive,
+    /// Liveness of inbound HBONE connections.
+    #[serde(default)]
+    pub hbone: HboneSettings,
     /// Threads of the data path. A node agent shares the node with its pods.
     #[serde(default = "default_worker_threads")]
     pub worker_threads: usize,
     /// Level of the eBPF programs' own log lines (aya-log): off or debug.
     #[serde(default)]
     pub ebpf_log: EbpfLog,
+}
+
+/// Connection limits (README: "Limits"). Past one, a new connection is
+/// refused at once (a reset, flag `CONNECTION_LIMIT`, counted and logged,
+/// the log sampled) and the agent keeps serving the rest.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct Limits {
+    /// Proxied connections (and HBONE streams) at once, all pods together;
+    /// 0: derived from the open-file limit, keeping a reserve for the
+    /// servers and HBONE.
+    pub max_connections: usize,
+    /// Per local workload and direction (outbound, HBONE inbound,
+    /// plaintext inbound).
+    pub max_connections_per_workload: usize,
+    /// Per source address, for the inbound paths (HBONE connections,
+    /// captured plaintext connections).
+    pub max_connections_per_source: usize,
+    /// Per admin, stats and readiness server.
+    pub max_admin_connections: usize,
+    /// How long an admin request may take to send its headers, and how long
+    /// an admin connection may stay open at most.
+    pub admin_header_timeout_seconds: u64,
+    pub admin_connection_timeout_seconds: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 0,
+            max_connections_per_workload: 1024,
+            max_connections_per_source: 512,
+            max_admin_connections: 64,
+            admin_header_timeout_seconds: 5,
+            admin_connection_timeout_seconds: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct TcpKeepalive {
+    pub enabled: bool,
+    pub time_seconds: u64,
+    pub interval_seconds: u64,
+    pub probes: u32,
+}
+
+impl Default for TcpKeepalive {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            time_seconds: 60,
+            interval_seconds: 10,
+            probes: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct HboneSettings {
+    /// An HTTP/2 PING this often on every HBONE connection (both ends)...
+    pub ping_interval_seconds: u64,
+    /// ...and the connection is closed when none is answered in this long.
+    pub ping_timeout_seconds: u64,
+    /// An inbound HBONE connection with no stream for this long is closed
+    /// (longer than a client pool's 60 s, so clients close first).
+    pub idle_timeout_seconds: u64,
+}
+
+impl Default for HboneSettings {
+    fn default() -> Self {
+        Self {
+            ping_interval_seconds: 10,
+            ping_timeout_seconds: 20,
+            idle_timeout_seconds: 120,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -99,7 +195,13 @@ pub enum EbpfLog {
 }
 
 fn default_admin_address() -> std::net::SocketAddr {
-    ([127, 0, 0, 1], 15020).into()
+    ([127, 0, 0, 1], 15000).into()
+}
+fn default_stats_address() -> std::net::SocketAddr {
+    ([0, 0, 0, 0], 15020).into()
+}
+fn default_readiness_address() -> std::net::SocketAddr {
+    ([0, 0, 0, 0], 15021).into()
 }
 fn default_access_log_max_bytes() -> u64 {
     100 * 1024 * 1024
@@ -168,6 +270,59 @@ impl Config {
                 });
             }
         }
+        let invalid = |field: &str, message: String| YamlError::Invalid {
+            path: path.to_owned(),
+            field: field.into(),
+            message,
+        };
+        if !cfg.admin_address.ip().is_loopback() {
+            return Err(invalid(
+                "adminAddress",
+                format!(
+                    "{} is not a loopback address: the admin server (/config_dump) is for the node only; Prometheus scrapes statsAddress, the kubelet probes readinessAddress",
+                    cfg.admin_address
+                ),
+            ));
+        }
+        let l = &cfg.limits;
+        for (field, value) in [
+            (
+                "limits.maxConnectionsPerWorkload",
+                l.max_connections_per_workload,
+            ),
+            (
+                "limits.maxConnectionsPerSource",
+                l.max_connections_per_source,
+            ),
+            ("limits.maxAdminConnections", l.max_admin_connections),
+        ] {
+            if value == 0 {
+                return Err(invalid(field, "must be at least 1".into()));
+            }
+        }
+        if l.admin_header_timeout_seconds == 0 || l.admin_connection_timeout_seconds == 0 {
+            return Err(invalid(
+                "limits.adminHeaderTimeoutSeconds",
+                "admin timeouts must be at least 1 s".into(),
+            ));
+        }
+        let k = &cfg.tcp_keepalive;
+        if k.enabled && (k.time_seconds == 0 || k.interval_seconds == 0 || k.probes == 0) {
+            return Err(invalid(
+                "tcpKeepalive",
+                "timeSeconds, intervalSeconds and probes must be at least 1".into(),
+            ));
+        }
+        let h = &cfg.hbone;
+        if h.ping_interval_seconds == 0
+            || h.ping_timeout_seconds == 0
+            || h.idle_timeout_seconds == 0
+        {
+            return Err(invalid(
+                "hbone",
+                "every interval and timeout must be at least 1 s".into(),
+            ));
+        }
         if cfg.socket_mark == 0 {
             return Err(YamlError::Invalid {
                 path: path.to_owned(),
@@ -198,6 +353,24 @@ impl Config {
         self.trust_bundle_file
             .as_deref()
             .unwrap_or(&self.ca_cert_file)
+    }
+
+    pub fn keepalive(&self) -> Option<socket2::TcpKeepalive> {
+        let k = &self.tcp_keepalive;
+        k.enabled.then(|| {
+            socket2::TcpKeepalive::new()
+                .with_time(Duration::from_secs(k.time_seconds))
+                .with_interval(Duration::from_secs(k.interval_seconds))
+                .with_retries(k.probes)
+        })
+    }
+
+    /// How long unacknowledged data may wait before a connection is given
+    /// up: as long as keepalive takes to give up on an idle one.
+    pub fn user_timeout(&self) -> Option<Duration> {
+        let k = &self.tcp_keepalive;
+        k.enabled
+            .then(|| Duration::from_secs(k.time_seconds + k.interval_seconds * u64::from(k.probes)))
     }
 
     pub fn connect_timeout(&self) -> Duration {
@@ -234,13 +407,15 @@ mod tests {
         assert_eq!(cfg.ebpf_log, EbpfLog::Off);
         assert_eq!(cfg.trust_domain, "cluster.local");
         assert_eq!(cfg.trust_bundle_file(), cfg.ca_cert_file.as_path());
-        assert_eq!(cfg.admin_address.to_string(), "127.0.0.1:15020");
+        assert_eq!(cfg.admin_address.to_string(), "127.0.0.1:15000");
+        assert_eq!(cfg.stats_address.to_string(), "0.0.0.0:15020");
+        assert_eq!(cfg.limits, Limits::default());
         assert_eq!(cfg.access_log_format, AccessLogFormat::Json);
         let cfg = load(&format!(
-            "{BASE}adminAddress: 10.0.0.1:9999\naccessLogFormat: text\n"
+            "{BASE}adminAddress: 127.0.0.2:9999\naccessLogFormat: text\n"
         ))
         .unwrap();
-        assert_eq!(cfg.admin_address.to_string(), "10.0.0.1:9999");
+        assert_eq!(cfg.admin_address.to_string(), "127.0.0.2:9999");
         assert_eq!(cfg.access_log_format, AccessLogFormat::Text);
     }
 
@@ -274,6 +449,20 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(ok.inbound_exempt_sources().len(), 2);
+        let err = load(&format!("{BASE}adminAddress: 10.0.0.1:15000\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("adminAddress: 10.0.0.1:15000 is not a loopback address"),
+            "{err}"
+        );
+        let err = load(&format!("{BASE}limits: {{maxConnectionsPerSource: 0}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("limits.maxConnectionsPerSource: must be at least 1"),
+            "{err}"
+        );
         let err = load("workloadsFile: w.yaml\n").unwrap_err().to_string();
         assert!(err.contains("cgroupPath"), "{err}");
     }

@@ -5,6 +5,12 @@ use clap::{Parser, Subcommand};
 use nodemesh_agent::{app, config::Config, ebpf, state::WorkloadsFile};
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc (tuned in .cargo/config.toml) gives memory back after a burst;
+/// glibc's malloc kept it. Bench, 5 rounds of floods into one agent: glibc
+/// 12.6 MB idle, 65 MB peak, 63 MB 10 s after; jemalloc 12.1, 38, 17.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "nodemesh-agent", version, about = "nodemesh node agent")]
 struct Cli {

@@ -63,7 +63,41 @@ fn create_ca_then_validate_the_examples_and_reject_bad_files_with_their_location
     .unwrap();
     let bad_key = agent(&["validate", "--config", &config]);
     let bad_key_err = String::from_utf8_lossy(&bad_key.stderr).into_owned();
+    // A real key, but not the CA certificate's: every peer would refuse the
+    // certificates it signs.
+    let other = agent(&[
+        "create-ca",
+        "--cert",
+        &format!("{d}/other.pem"),
+        "--key",
+        &format!("{d}/ca.key"),
+    ]);
+    assert!(other.status.success());
+    let wrong_key = agent(&["validate", "--config", &config]);
+    let wrong_key_err = String::from_utf8_lossy(&wrong_key.stderr).into_owned();
+    // A bundle that holds only another root: valid, with a warning.
+    let out_ca = agent(&[
+        "create-ca",
+        "--cert",
+        &format!("{d}/ca.pem"),
+        "--key",
+        &format!("{d}/ca.key"),
+    ]);
+    assert!(out_ca.status.success());
+    std::fs::copy(dir.join("other.pem"), dir.join("bundle.pem")).unwrap();
+    let foreign = agent(&["validate", "--config", &config]);
+    let foreign_err = String::from_utf8_lossy(&foreign.stderr).into_owned();
     let _ = std::fs::remove_dir_all(&dir);
+    assert!(!wrong_key.status.success());
+    assert!(
+        wrong_key_err.contains("ca.key: this key is not the key of the CA certificate"),
+        "{wrong_key_err}"
+    );
+    assert!(foreign.status.success(), "{foreign_err}");
+    assert!(
+        foreign_err.contains("the trust bundle does not hold the CA certificate"),
+        "{foreign_err}"
+    );
     assert!(!out.status.success());
     assert!(stderr.contains("workloads.yaml"), "{stderr}");
     assert!(stderr.contains("line 7 column 5"), "{stderr}");

@@ -15,6 +15,7 @@ use std::{
 };
 
 use nodemesh_agent::{
+    admin::Server,
     app::{self, Components},
     config::Config,
     datapath::loopback::{LoopbackDatapath, LoopbackNetworks},
@@ -72,7 +73,7 @@ impl Lab {
             lab.write_workloads(node, services);
             let d = lab.dir.display().to_string();
             let config = format!(
-                "workloadsFile: {d}/workloads-{node}.yaml\ncgroupPath: /sys/fs/cgroup\ncaCertFile: {d}/ca.pem\ncaKeyFile: {d}/ca.key\npolicyDir: {d}/policies\naccessLog: {d}/access-{node}.log\nadminAddress: 127.0.0.1:0\ndrainTimeoutSeconds: 1\n{extra}"
+                "workloadsFile: {d}/workloads-{node}.yaml\ncgroupPath: /sys/fs/cgroup\ncaCertFile: {d}/ca.pem\ncaKeyFile: {d}/ca.key\npolicyDir: {d}/policies\naccessLog: {d}/access-{node}.log\nadminAddress: 127.0.0.1:0\nstatsAddress: 127.0.0.1:0\nreadinessAddress: 127.0.0.1:0\ndrainTimeoutSeconds: 1\n{extra}"
             );
             let path = lab.dir.join(format!("agent-{node}.yaml"));
             std::fs::write(&path, config).unwrap();
@@ -88,7 +89,7 @@ impl Lab {
             )
             .await
             .unwrap();
-            let admin = bound.admin_address();
+            let admin = bound.address(Server::Admin);
             let (stop, stopped) = oneshot::channel();
             let done = tokio::spawn(bound.wait_termination(async {
                 let _ = stopped.await;

@@ -6,6 +6,7 @@ use http::{Method, Uri};
 use nodemesh_agent::{
     policy::fuzz_policy_file,
     proxy::inbound::{connect_target, forwarded_for, fuzz_connect_request},
+    state::file::fuzz_workloads_file,
 };
 
 #[test]
@@ -25,6 +26,7 @@ fn connect_request_seeds() {
             &Method::from_bytes(m.as_bytes()).unwrap(),
             &u.parse::<Uri>().unwrap(),
             local,
+            &[15001, 15006, 15008, 15000, 15020, 15021],
         )
     };
     assert_eq!(check("CONNECT", "10.244.1.10:8080").unwrap().port(), 8080);
@@ -35,8 +37,12 @@ fn connect_request_seeds() {
         ("CONNECT", "example.com:80", "is not ip:port"),
         ("CONNECT", "/path", "has no authority"),
         ("CONNECT", "10.244.1.10:0", "port 0"),
+        // HBONE inside HBONE, or any other way back into the agent.
+        ("CONNECT", "10.244.1.10:15008", "would re-enter the agent"),
+        ("CONNECT", "10.244.1.10:15006", "would re-enter the agent"),
+        ("CONNECT", "10.244.1.10:15020", "would re-enter the agent"),
     ] {
-        let err = check(m, u).unwrap_err();
+        let err = check(m, u).unwrap_err().to_string();
         assert!(err.contains(why), "{m} {u}: {err}");
     }
     assert_eq!(
@@ -52,6 +58,17 @@ fn policy_file_seeds() {
     let mut n = 0;
     for entry in std::fs::read_dir(dir).unwrap() {
         fuzz_policy_file(&std::fs::read(entry.unwrap().path()).unwrap());
+        n += 1;
+    }
+    assert!(n >= 5, "seed corpus missing ({n} files)");
+}
+
+#[test]
+fn workloads_file_seeds() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/workloads_file");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        fuzz_workloads_file(&std::fs::read(entry.unwrap().path()).unwrap());
         n += 1;
     }
     assert!(n >= 5, "seed corpus missing ({n} files)");

@@ -170,7 +170,64 @@ fn policy_bench() -> Result<Value> {
     }))
 }
 
-pub fn run(secs: f64, out: &Path) -> Result<()> {
+/// Agent memory under abuse, the hardening review's scenario: rounds of a
+/// plaintext flood from outside the mesh (3,000 held connections, most shed
+/// per source) and 1,000 concurrent HBONE streams into node 1, then quiet.
+/// Peak and resident memory 10 s after, of node 1's agent.
+fn abuse(c: &Cluster, rounds: usize) -> Result<Value> {
+    let pid = c
+        .agent_pid(1)
+        .ok_or_else(|| anyhow::anyhow!("node 1's agent is not running"))?;
+    // Settled after start-up (freed start-up memory returned).
+    std::thread::sleep(Duration::from_secs(3));
+    let before = status_kib(pid, "VmRSS:");
+    let to = format!("{}:8080", c.pod("server-remote").ip4);
+    for round in 0..rounds {
+        eprintln!("bench: abuse round {} of {rounds} ...", round + 1);
+        let mut flood = c
+            .pod_command(
+                "direct",
+                &["client", "hold", "--to", &to, "--n", "3000", "--secs", "3"],
+            )
+            .stdout(std::process::Stdio::null())
+            .spawn()?;
+        c.run_in_pod(
+            "client",
+            &["client", "concurrent", "--to", &to, "--n", "1000"],
+        )?;
+        c.run_in_pod(
+            "client",
+            &[
+                "client",
+                "many",
+                "--to",
+                &to,
+                "--n",
+                "3000",
+                "--parallel",
+                "16",
+            ],
+        )?;
+        flood.wait()?;
+    }
+    let peak = status_kib(pid, "VmHWM:");
+    std::thread::sleep(Duration::from_secs(10));
+    Ok(json!({
+        "rounds": rounds,
+        "rss_before_kib": before,
+        "rss_peak_kib": peak,
+        "rss_after_kib": status_kib(pid, "VmRSS:"),
+    }))
+}
+
+pub fn run(secs: f64, out: &Path, abuse_only: bool) -> Result<()> {
+    if abuse_only {
+        let mut c = Cluster::start(spec())?;
+        c.spawn_in_pod("server-remote", &["serve", "--port", "8080"])?;
+        let a = abuse(&c, 5)?;
+        println!("{a}");
+        return Ok(());
+    }
     eprintln!("bench: policy decisions ...");
     let policy = policy_bench()?;
     let mut c = Cluster::start(spec())?;
@@ -233,10 +290,12 @@ pub fn run(secs: f64, out: &Path) -> Result<()> {
     let peak_rss: Vec<u64> = (0..2)
         .map(|k| c.agent_pid(k).map(|p| status_kib(p, "VmHWM:")).unwrap_or(0))
         .collect();
+    let abuse = abuse(&c, 5)?;
     let summary = json!({
         "policy": policy,
         "agent_rss_idle_kib": idle_rss,
         "agent_rss_peak_kib": peak_rss,
+        "abuse": abuse,
         "seconds_per_measurement": secs,
         "results": results,
     });
@@ -313,6 +372,11 @@ fn print_table(s: &Value) {
     println!(
         "\nagent RSS (node 0, node 1): idle {} KiB, peak under load {} KiB",
         s["agent_rss_idle_kib"], s["agent_rss_peak_kib"]
+    );
+    let a = &s["abuse"];
+    println!(
+        "agent RSS under abuse (node 1, {} rounds): before {} KiB, peak {} KiB, 10 s after {} KiB",
+        a["rounds"], a["rss_before_kib"], a["rss_peak_kib"], a["rss_after_kib"]
     );
     println!(
         "cross_node meshed = HBONE (mutual TLS, HTTP/2 CONNECT); same_node meshed = plain TCP through the agent;\ncaptured = a client outside the mesh to a meshed server (plaintext, PERMISSIVE), through the server's agent;\nCPU columns of captured rows are the server's agent"

@@ -96,6 +96,8 @@ pub struct AgentOptions {
     pub drain_timeout_seconds: Option<u64>,
     /// `inboundExemptSources`.
     pub inbound_exempt_sources: Vec<String>,
+    /// More agent config, as YAML lines (e.g. `limits`, `hbone`).
+    pub extra: String,
 }
 
 #[derive(Debug, Clone)]
@@ -275,7 +277,7 @@ impl Cluster {
         Ok(cluster)
     }
 
-    fn ns_fabric(&self) -> String {
+    pub fn ns_fabric(&self) -> String {
         format!("{NETNS_PREFIX}{}-fabric", self.run)
     }
     fn ns_ext(&self) -> String {
@@ -582,7 +584,7 @@ impl Cluster {
     fn write_agent_config(&self, k: usize) -> Result<()> {
         let a = &self.agents[k];
         let y = format!(
-            "workloadsFile: {}\ncgroupPath: {}\nbpffsDir: {}\naccessLog: {}\nsockmap: {}\ndrainTimeoutSeconds: {}\nebpfLog: {}\ncaCertFile: {}\ncaKeyFile: {}\ntrustBundleFile: {}\ncertLifetimeSeconds: {}\npolicyDir: {}\nadminAddress: {}\ninboundExemptSources: [{}]\n",
+            "workloadsFile: {}\ncgroupPath: {}\nbpffsDir: {}\naccessLog: {}\nsockmap: {}\ndrainTimeoutSeconds: {}\nebpfLog: {}\ncaCertFile: {}\ncaKeyFile: {}\ntrustBundleFile: {}\ncertLifetimeSeconds: {}\npolicyDir: {}\nadminAddress: {}\nstatsAddress: {}\nreadinessAddress: {}\ninboundExemptSources: [{}]\n{}",
             a.workloads.display(),
             self.cgroup_dir.join(format!("node-{k}")).display(),
             self.bpffs.join(format!("node-{k}")).display(),
@@ -600,26 +602,54 @@ impl Cluster {
             self.spec.agent.cert_lifetime_seconds.unwrap_or(86400),
             self.policy_dir().display(),
             self.admin_address(k),
+            self.stats_address(k),
+            self.readiness_address(k),
             self.spec.agent.inbound_exempt_sources.join(", "),
+            self.spec.agent.extra,
         );
         fs::write(&a.config, y)?;
         Ok(())
     }
 
-    /// Node k's agent's admin server: on the node IP, so a Prometheus on the
-    /// external host reaches every agent.
-    pub fn admin_address(&self, k: usize) -> SocketAddr {
+    /// Node k's agent's admin server (`/config_dump` and the rest):
+    /// loopback in the node's netns.
+    pub fn admin_address(&self, _k: usize) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15000)
+    }
+
+    /// Node k's agent's stats server (`/metrics`): on the node IP, so a
+    /// Prometheus on the external host reaches every agent.
+    pub fn stats_address(&self, k: usize) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(node_ip4(k)), 15020)
     }
 
-    /// A GET to node k's admin server (from the external host).
+    /// Node k's agent's readiness server (`/healthz/*`), on the node IP as
+    /// the kubelet would probe it.
+    pub fn readiness_address(&self, k: usize) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(node_ip4(k)), 15021)
+    }
+
+    /// Node k's netns, e.g. for `http::get` to its admin server.
+    pub fn node_netns(&self, k: usize) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.ns_node(k)))
+    }
+
+    /// A GET to the server of node k's agent that serves `path`: readiness
+    /// and metrics from the external host, the rest from the node itself.
     pub fn admin_get(
         &self,
         k: usize,
         path: &str,
         accept: Option<&str>,
     ) -> Result<crate::http::Response> {
-        crate::http::get(&self.external_netns(), self.admin_address(k), path, accept)
+        let (netns, addr) = if path.starts_with("/healthz/") {
+            (self.external_netns(), self.readiness_address(k))
+        } else if path == "/metrics" || path == "/stats/prometheus" {
+            (self.external_netns(), self.stats_address(k))
+        } else {
+            (self.node_netns(k), self.admin_address(k))
+        };
+        crate::http::get(&netns, addr, path, accept)
     }
 
     /// Starts node k's agent (in the node's netns and its agent cgroup) and

@@ -261,7 +261,9 @@ fn print_summary(c: &Cluster, elapsed: Duration) {
     );
     for k in 0..c.agents.len() {
         out += &format!(
-            "node {k} agent: ip netns exec {} curl -s http://{}/metrics  (also /healthz/ready, /config_dump)\n",
+            "node {k} agent: curl -s http://{}/metrics (stats), http://{}/healthz/ready; ip netns exec {} curl -s http://{}/config_dump (admin, node-local)\n",
+            c.stats_address(k),
+            c.readiness_address(k),
             c.ns_node(k),
             c.admin_address(k)
         );

@@ -116,7 +116,8 @@ fn connect_block(authority: &str) -> Vec<u8> {
 }
 
 /// Runs one probe; `mode` is one of plaintext, http1, no-cert, other-ca,
-/// rapid-reset, continuation-flood, big-header.
+/// rapid-reset, continuation-flood, big-header, connect (one CONNECT to
+/// `authority` with a valid certificate; reports the status).
 pub async fn run(
     to: SocketAddr,
     mode: &str,
@@ -178,12 +179,67 @@ pub async fn run(
                 .connect(ServerName::IpAddress(to.ip().into()), tcp)
                 .await
                 .context("TLS with a valid certificate")?;
+            if abuse == "connect" {
+                return Ok(connect_status(tls, authority).await);
+            }
             let (r, mut w) = tokio::io::split(tls);
             let reader = tokio::spawn(until_closed(r, Duration::from_secs(20)));
             let sent = abuse_frames(&mut w, abuse, authority).await;
             let mut v = reader.await?;
             v["frames_sent"] = json!(sent);
             Ok(v)
+        }
+    }
+}
+
+/// One CONNECT; the status of the answer when it is one of HPACK's static
+/// `:status` entries (200, 204, 206, 304, 400, 404, 500), else `other`.
+async fn connect_status(mut tls: impl AsyncRead + AsyncWrite + Unpin, authority: &str) -> Value {
+    let mut out = [PREFACE, &frame(SETTINGS, 0, 0, &[])].concat();
+    out.extend(frame(HEADERS, END_HEADERS, 1, &connect_block(authority)));
+    if tls.write_all(&out).await.is_err() {
+        return json!({"status": "write failed"});
+    }
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        // Frames: 9-byte header, then the payload.
+        let mut at = 0;
+        while buf.len() >= at + 9 {
+            let len = (usize::from(buf[at]) << 16)
+                | (usize::from(buf[at + 1]) << 8)
+                | usize::from(buf[at + 2]);
+            let (kind, stream) = (
+                buf[at + 3],
+                u32::from_be_bytes([buf[at + 5], buf[at + 6], buf[at + 7], buf[at + 8]]),
+            );
+            if buf.len() < at + 9 + len {
+                break;
+            }
+            if stream == 1 && kind == RST_STREAM {
+                return json!({"status": "reset"});
+            }
+            if stream == 1 && kind == HEADERS && len > 0 {
+                let status = match buf[at + 9] {
+                    0x88 => "200",
+                    0x89 => "204",
+                    0x8a => "206",
+                    0x8b => "304",
+                    0x8c => "400",
+                    0x8d => "404",
+                    0x8e => "500",
+                    _ => "other",
+                };
+                return json!({"status": status});
+            }
+            at += 9 + len;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, tls.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            Ok(_) => return json!({"status": "closed"}),
+            Err(_) => return json!({"status": "timeout"}),
         }
     }
 }

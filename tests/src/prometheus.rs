@@ -42,7 +42,7 @@ impl Prometheus {
         let dir = cluster.state_dir.join("prometheus");
         std::fs::create_dir_all(dir.join("data"))?;
         let targets: Vec<String> = (0..cluster.agents.len())
-            .map(|k| format!("\"{}\"", cluster.admin_address(k)))
+            .map(|k| format!("\"{}\"", cluster.stats_address(k)))
             .collect();
         let config = format!(
             "global: {{scrape_interval: 1s, scrape_timeout: 1s}}\nscrape_configs:\n  - job_name: nodemesh-agent\n    static_configs:\n      - targets: [{}]\n",

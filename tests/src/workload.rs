@@ -337,6 +337,55 @@ pub async fn many(to: SocketAddr, n: usize, parallel: usize) -> serde_json::Valu
     json!({"ok": ok, "failed": failed})
 }
 
+/// Opens `n` connections (64 at a time) and holds them idle for `secs`, as
+/// a client that wants to exhaust a server would. Prints
+/// `{"holding": ...}` once all are opened, then the outcome: how many
+/// connected, were refused, and were closed by the server while held.
+pub async fn hold(to: SocketAddr, n: usize, secs: f64) -> serde_json::Value {
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let sem = sem.clone();
+        tasks.spawn(async move {
+            let permit = sem.acquire_owned().await;
+            let s = tokio::time::timeout(std::time::Duration::from_secs(5), connect(to)).await;
+            drop(permit);
+            match s {
+                Ok(Ok(s)) => Some(s),
+                _ => None,
+            }
+        });
+    }
+    let mut held = Vec::new();
+    let mut refused = 0usize;
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(Some(s)) => held.push(s),
+            _ => refused += 1,
+        }
+    }
+    println!("{}", json!({"holding": held.len(), "refused": refused}));
+    let connected = held.len();
+    let closed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut watchers = tokio::task::JoinSet::new();
+    for mut s in held {
+        let closed = closed.clone();
+        watchers.spawn(async move {
+            let mut buf = [0u8; 1];
+            if let Ok(r) =
+                tokio::time::timeout(std::time::Duration::from_secs_f64(secs), s.read(&mut buf))
+                    .await
+                && !matches!(r, Ok(n) if n > 0)
+            {
+                closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    }
+    while watchers.join_next().await.is_some() {}
+    let closed = closed.load(std::sync::atomic::Ordering::Relaxed);
+    json!({"connected": connected, "refused": refused, "closed_by_peer": closed})
+}
+
 /// Parses `ip:port` / `[ip6]:port`.
 pub fn parse_addr(s: &str) -> Result<SocketAddr> {
     s.parse().map_err(|e| anyhow!("bad address {s}: {e}"))

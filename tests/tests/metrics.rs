@@ -156,9 +156,9 @@ fn traffic_from_both_reporters(c: &Cluster, p: &Prometheus) {
     assert_eq!(labelled.len(), 2, "{labelled:#?}");
     for s in &labelled {
         let l = &s.labels;
+        // HBONE is mutual TLS as both reporters see it (as ztunnel says).
         let security = match l["reporter"].as_str() {
-            "source" => "unknown",
-            "destination" => "mutual_tls",
+            "source" | "destination" => "mutual_tls",
             other => panic!("reporter {other}"),
         };
         for (k, v) in [
@@ -177,6 +177,10 @@ fn traffic_from_both_reporters(c: &Cluster, p: &Prometheus) {
             ("request_protocol", "tcp"),
             ("response_flags", "-"),
             ("connection_security_policy", security),
+            ("source_region", "unknown"),
+            ("source_zone", "unknown"),
+            ("destination_region", "unknown"),
+            ("destination_zone", "unknown"),
         ] {
             assert_eq!(l.get(k).map(String::as_str), Some(v), "{k} in {l:#?}");
         }
@@ -208,7 +212,7 @@ fn traffic_from_both_reporters(c: &Cluster, p: &Prometheus) {
         .iter()
         .map(|s| {
             assert_eq!(s.labels["destination_principal"], SERVER_LOCAL);
-            assert_eq!(s.labels["instance"], c.admin_address(0).to_string());
+            assert_eq!(s.labels["instance"], c.stats_address(0).to_string());
             assert_eq!(s.value, local_n as f64);
             (
                 s.labels["reporter"].clone(),
@@ -309,8 +313,8 @@ fn exposition_formats(c: &Cluster) {
 }
 
 fn own_metrics_and_config_dump(c: &Cluster, p: &Prometheus) {
-    let node0 = format!("instance=\"{}\"", c.admin_address(0));
-    let node1 = format!("instance=\"{}\"", c.admin_address(1));
+    let node0 = format!("instance=\"{}\"", c.stats_address(0));
+    let node1 = format!("instance=\"{}\"", c.stats_address(1));
     one_value(p, &format!("nodemesh_enrolled_pods{{{node0}}}"), |v| {
         v == 3.0
     });

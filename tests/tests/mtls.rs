@@ -141,8 +141,8 @@ fn hbone_probe(c: &Cluster, mode: &str) -> Value {
 fn bad_peers_on_15008_are_refused_with_the_reason_logged() {
     let c = cluster(None);
     for (mode, reason) in [
-        ("plaintext", "HBONE TLS handshake refused"),
-        ("http1", "HBONE TLS handshake refused"),
+        ("plaintext", "TLS handshake refused"),
+        ("http1", "TLS handshake refused"),
         ("no-cert", "peer sent no certificates"),
         ("other-ca", "BadSignature"),
     ] {

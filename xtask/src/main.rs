@@ -22,6 +22,9 @@ use clap::{Parser, Subcommand};
 mod modcycles;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// Each fuzz target's run in `test` (the seeds also run as unit tests).
+const FUZZ_SECONDS: u32 = 20;
 const LLVM_MAJOR: &str = "22";
 
 #[derive(Parser)]
@@ -210,7 +213,26 @@ fn setup() -> Result<OsString> {
             .env("LLVM_PREFIX", &prefix)
             .current_dir(&tools))?;
     }
-    let mut paths = vec![install_root.join("bin")];
+    let fuzz_root = tools.join(format!("cargo-fuzz-{CARGO_FUZZ_VERSION}"));
+    let fuzz_works = Command::new(fuzz_root.join("bin/cargo-fuzz"))
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !fuzz_works {
+        eprintln!("building cargo-fuzz {CARGO_FUZZ_VERSION} (once)");
+        run(Command::new("cargo")
+            .args([
+                "install",
+                "cargo-fuzz",
+                "--locked",
+                "--version",
+                CARGO_FUZZ_VERSION,
+            ])
+            .arg("--root")
+            .arg(&fuzz_root)
+            .current_dir(&tools))?;
+    }
+    let mut paths = vec![install_root.join("bin"), fuzz_root.join("bin")];
     if let Some(p) = env::var_os("PATH") {
         paths.extend(env::split_paths(&p));
     }
@@ -270,7 +292,16 @@ fn cargo(root: &Path, path: &OsString) -> Command {
 }
 
 fn build(root: &Path, path: &OsString) -> Result<()> {
-    run(cargo(root, path).args(["build", "--release", "--bins"]))
+    // The lab is not a default member (its tests need root): named here.
+    run(cargo(root, path).args([
+        "build",
+        "--release",
+        "--bins",
+        "-p",
+        "nodemesh-agent",
+        "-p",
+        "nodemesh-lab",
+    ]))
 }
 
 fn test(root: &Path, path: &OsString, args: &[String]) -> Result<()> {
@@ -292,6 +323,7 @@ fn test(root: &Path, path: &OsString, args: &[String]) -> Result<()> {
         "warnings",
     ]))?;
     build(root, path)?;
+    fuzz(root, path)?;
     // Root tests share kernel state (cgroups, bpffs, netns): one at a time.
     let mut cmd = cargo(root, path);
     cmd.args(["test", "--release", "--workspace"])
@@ -324,6 +356,40 @@ fn test(root: &Path, path: &OsString, args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Runs every fuzz target for a bounded time (nightly, libFuzzer with
+/// AddressSanitizer); a crash fails the run and leaves its input under
+/// agent/fuzz/artifacts. The eBPF object is not needed: a stub is built in.
+fn fuzz(root: &Path, path: &OsString) -> Result<()> {
+    let dir = root.join("agent/fuzz");
+    // rustup's cargo, for `+nightly`.
+    let nightly = || {
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(&dir)
+            .env("PATH", path)
+            .env("AYA_BUILD_SKIP", "1")
+            .env_remove("CARGO")
+            .env_remove("RUSTC")
+            .arg("+nightly");
+        cmd
+    };
+    let targets = output(nightly().args(["fuzz", "list"]))?;
+    for target in targets.lines().map(str::trim).filter(|t| !t.is_empty()) {
+        // New inputs go to a scratch corpus; the seeds are only read.
+        let scratch = dir.join("target/corpus").join(target);
+        fs::create_dir_all(&scratch)?;
+        run(nightly()
+            .args(["fuzz", "run", target])
+            .arg(&scratch)
+            .arg(format!("corpus/{target}"))
+            .args([
+                "--",
+                &format!("-max_total_time={FUZZ_SECONDS}"),
+                "-rss_limit_mb=2048",
+            ]))?;
+    }
+    Ok(())
+}
+
 /// `test result: ok. 10 passed; 0 failed; ...` -> (10, 0).
 fn parse_test_result(line: &str) -> Option<(u64, u64)> {
     let rest = line.strip_prefix("test result: ")?;
@@ -347,6 +413,8 @@ fn run_lab(root: &Path, path: &OsString, what: &str, args: &[String]) -> Result<
             "run",
             "--quiet",
             "--release",
+            "-p",
+            "nodemesh-lab",
             "--bin",
             "nodemesh-lab",
             "--",

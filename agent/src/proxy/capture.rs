@@ -38,6 +38,17 @@ pub async fn serve(
         ConnectionResult::new(&inputs, Reporter::Destination, "inbound_plaintext", peer);
     result.entry().dst_workload = Some(pod.pod.key().to_string());
     result.entry().dst_identity = Some(pod.identity.to_string());
+    let admitted = inputs
+        .limits
+        .admit("inbound_plaintext", Some(pod.workload_id), Some(peer.ip()));
+    let _admitted = match admitted {
+        Ok(a) => a,
+        Err(e) => {
+            super::shed(&inputs, &mut result, &e, &pod);
+            reset_on_close(&client);
+            return;
+        }
+    };
     let target = client.local_addr().map(canonical);
     let bytes = open_traffic(
         &inputs,

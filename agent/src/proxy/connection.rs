@@ -20,6 +20,8 @@ pub struct ConnectionResult {
     /// `outbound`, `inbound` (HBONE) or `inbound_plaintext` (captured).
     direction: &'static str,
     access_log: AccessLog,
+    /// False: the metrics only (a flood of refusals is sampled in the log).
+    logged: bool,
     metrics: Arc<ProxyMetrics>,
     _active: ActiveConnection,
 }
@@ -45,6 +47,7 @@ impl ConnectionResult {
             started: Instant::now(),
             direction,
             access_log: inputs.access_log.clone(),
+            logged: true,
             metrics: inputs.metrics.clone(),
             _active: inputs.metrics.active(direction),
         }
@@ -106,6 +109,11 @@ impl ConnectionResult {
         }
     }
 
+    /// Leaves this connection out of the access log (its metrics stay).
+    pub fn quiet(&mut self) {
+        self.logged = false;
+    }
+
     pub fn failed(&self) -> bool {
         self.entry.result != "ok"
     }
@@ -117,8 +125,10 @@ impl Drop for ConnectionResult {
         if let Some(t) = self.traffic.take() {
             t.close(self.entry.response_flags, self.failed());
         }
-        let placeholder = Entry::new("", SocketAddr::from(([0, 0, 0, 0], 0)));
-        self.access_log
-            .log(std::mem::replace(&mut self.entry, placeholder));
+        if self.logged {
+            let placeholder = Entry::new("", SocketAddr::from(([0, 0, 0, 0], 0)));
+            self.access_log
+                .log(std::mem::replace(&mut self.entry, placeholder));
+        }
     }
 }

@@ -16,6 +16,8 @@ pub enum ResponseFlags {
     Connect,
     /// The mTLS handshake failed.
     TlsFailure,
+    /// Refused at once: a connection limit was reached (load shedding).
+    ConnectionLimit,
 }
 
 impl ResponseFlags {
@@ -25,6 +27,7 @@ impl ResponseFlags {
             Self::Deny => "DENY",
             Self::Connect => "CONNECT",
             Self::TlsFailure => "TLS_FAILURE",
+            Self::ConnectionLimit => "CONNECTION_LIMIT",
         }
     }
 }
@@ -122,6 +125,12 @@ pub enum ProxyError {
     },
     #[error("no certificate for {identity}: {reason}")]
     Certificate { identity: String, reason: String },
+    #[error("refused: {limit} connection limit ({max}) reached; see limits in the agent config")]
+    Overloaded { limit: &'static str, max: usize },
+    #[error("refused: {what} would re-enter the agent")]
+    ReentersAgent { what: String },
+    #[error("HBONE connection closed: {0}")]
+    HboneClosed(String),
 }
 
 pub fn denied_by(policy: &Option<String>) -> String {
@@ -157,8 +166,10 @@ impl ProxyError {
             | Self::Hbone { .. }
             | Self::HboneStatus { .. }
             | Self::HboneRecentlyFailed { .. } => "hbone",
-            Self::BadRequest(_) => "bad_request",
+            Self::BadRequest(_) | Self::ReentersAgent { .. } => "bad_request",
             Self::InPod { source, .. } => source.stage(),
+            Self::Overloaded { .. } => "overload",
+            Self::HboneClosed(_) => "hbone",
         }
     }
 
@@ -176,6 +187,7 @@ impl ProxyError {
             | Self::HboneRecentlyFailed { .. }
             | Self::HboneStatus { status: 503, .. } => ResponseFlags::Connect,
             Self::Tls { .. } | Self::TlsHandshake { .. } => ResponseFlags::TlsFailure,
+            Self::Overloaded { .. } => ResponseFlags::ConnectionLimit,
             Self::InPod { source, .. } => source.response_flags(),
             Self::NotRedirected
             | Self::WrongPod { .. }
@@ -185,6 +197,8 @@ impl ProxyError {
             | Self::Hbone { .. }
             | Self::HboneStatus { .. }
             | Self::BadRequest(_)
+            | Self::ReentersAgent { .. }
+            | Self::HboneClosed(_)
             | Self::Certificate { .. } => ResponseFlags::None,
         }
     }

@@ -47,14 +47,28 @@ pub fn h2_server() -> h2::server::Builder {
 /// Serves one HBONE connection (TLS, then HTTP/2 streams).
 pub async fn serve(inputs: Arc<ProxyInputs>, pod: Arc<LocalPod>, tcp: TcpStream, peer: SocketAddr) {
     let peer = canonical(peer);
-    if let Err(e) = serve_connection(&inputs, &pod, tcp, peer).await {
-        // The connection failed before any stream: the peer is not (yet)
-        // authenticated, so only the destination is labelled.
-        if e.tls_code().is_some() {
-            warn!(pod = %pod.pod.key(), %peer, "{e}");
-        } else {
-            debug!(pod = %pod.pod.key(), %peer, "{e}");
+    let admitted = if is_agent_source(peer.ip()) {
+        // The agent's own connections to apps come from there: one that
+        // reached this port is an HBONE inside HBONE.
+        Err(ProxyError::ReentersAgent {
+            what: format!("an HBONE connection from {peer}"),
+        })
+    } else {
+        inputs
+            .limits
+            .admit("hbone_connection", None, Some(peer.ip()))
+    };
+    let outcome = match admitted {
+        Ok(_admitted) => serve_connection(&inputs, &pod, tcp, peer).await,
+        Err(e) => {
+            reset_on_close(&tcp);
+            Err(e)
         }
+    };
+    if let Err(e) = outcome {
+        // The connection failed before any stream: the peer is not (yet)
+        // authenticated, so only the destination is labelled, and the logs
+        // are sampled (anyone can open connections; the metrics count all).
         let mut result = ConnectionResult::new(&inputs, Reporter::Destination, "inbound", peer);
         result.entry().dst_workload = Some(pod.pod.key().to_string());
         result.entry().dst_identity = Some(pod.identity.to_string());
@@ -66,7 +80,22 @@ pub async fn serve(inputs: Arc<ProxyInputs>, pod: Arc<LocalPod>, tcp: TcpStream,
             security: SecurityPolicy::Unknown,
         }]);
         result.fail(&e);
+        match inputs.limits.sampler.sample() {
+            Some(suppressed)
+                if e.tls_code().is_some() || matches!(e, ProxyError::Overloaded { .. }) =>
+            {
+                warn!(pod = %pod.pod.key(), %peer, suppressed, "{e}")
+            }
+            Some(_) => debug!(pod = %pod.pod.key(), %peer, "{e}"),
+            None => result.quiet(),
+        }
     }
+}
+
+/// The source the agent's own connections to apps have (127.0.0.6, ::1).
+fn is_agent_source(ip: IpAddr) -> bool {
+    ip == IpAddr::V4(crate::datapath::INBOUND_SOURCE_V4)
+        || ip == IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
 }
 
 /// Fails only before the first stream (TLS, certificate, HTTP/2 preface).
@@ -89,7 +118,8 @@ async fn serve_connection(
             })?;
     let handshake =
         |code: &'static str, reason: String| ProxyError::TlsHandshake { peer, code, reason };
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(server).accept(tcp))
+    let handshake_timeout = inputs.config.sockets.connect_timeout.max(HANDSHAKE_TIMEOUT);
+    let tls = match tokio::time::timeout(handshake_timeout, TlsAcceptor::from(server).accept(tcp))
         .await
     {
         Ok(Ok(tls)) => tls,
@@ -107,7 +137,7 @@ async fn serve_connection(
             svid_identity(c, &pod.identity.trust_domain)
                 .map_err(|e| handshake("not_an_svid", e.to_string()))
         })?;
-    let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, h2_server().handshake(tls)).await {
+    let mut conn = match tokio::time::timeout(handshake_timeout, h2_server().handshake(tls)).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             debug!(%peer, "HBONE HTTP/2 handshake failed: {e}");
@@ -118,15 +148,51 @@ async fn serve_connection(
             return Ok(());
         }
     };
-    // On drain: GOAWAY, so peers open no new streams here and the connection
-    // closes once its streams are done (pooled peers hold idle ones open).
-    let mut draining = false;
+    // Liveness: a PING the peer must answer, and an idle timeout; a
+    // partitioned or silent peer is closed in bounded time.
+    let hbone = inputs.config.hbone;
+    let mut ping_pong = conn.ping_pong();
+    let keepalive = super::pool::keepalive(
+        ping_pong.as_mut(),
+        Duration::from_secs(hbone.ping_interval_seconds),
+        Duration::from_secs(hbone.ping_timeout_seconds),
+    );
+    tokio::pin!(keepalive);
+    let idle_timeout = Duration::from_secs(hbone.idle_timeout_seconds);
+    let mut idle_check = tokio::time::interval((idle_timeout / 4).min(Duration::from_secs(1)));
+    let streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut idle_since = Some(tokio::time::Instant::now());
+    // On drain or idle: GOAWAY, so peers open no new streams here and the
+    // connection closes once its streams are done (pooled peers hold idle
+    // ones open).
+    let mut closing = false;
+    let drain = inputs.drain.clone();
+    let stopped = drain.stopped();
+    tokio::pin!(stopped);
     loop {
         let next = tokio::select! {
             next = conn.accept() => next,
-            () = inputs.drain.stopped(), if !draining => {
-                draining = true;
+            () = &mut stopped, if !closing => {
+                closing = true;
                 conn.graceful_shutdown();
+                continue;
+            }
+            () = &mut keepalive => {
+                warn!(pod = %pod.pod.key(), %peer, "HBONE peer stopped answering PINGs; connection closed");
+                break;
+            }
+            _ = idle_check.tick(), if !closing => {
+                let active = streams.load(std::sync::atomic::Ordering::Acquire);
+                match (active, idle_since) {
+                    (0, None) => idle_since = Some(tokio::time::Instant::now()),
+                    (0, Some(t)) if t.elapsed() >= idle_timeout => {
+                        debug!(%peer, "HBONE connection idle for {idle_timeout:?}; closing");
+                        closing = true;
+                        conn.graceful_shutdown();
+                    }
+                    (0, Some(_)) => {}
+                    _ => idle_since = None,
+                }
                 continue;
             }
         };
@@ -136,7 +202,10 @@ async fn serve_connection(
                 let inputs = inputs.clone();
                 let pod = pod.clone();
                 let src_identity = src_identity.clone();
+                let streams = StreamCount::new(streams.clone());
+                idle_since = None;
                 tokio::spawn(async move {
+                    let _streams = streams;
                     serve_stream(&inputs, &pod, local, peer, src_identity, request, respond).await;
                 });
             }
@@ -147,6 +216,22 @@ async fn serve_connection(
         }
     }
     Ok(())
+}
+
+/// Counts a connection's open streams (for its idle timeout).
+struct StreamCount(Arc<std::sync::atomic::AtomicUsize>);
+
+impl StreamCount {
+    fn new(c: Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        c.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(c)
+    }
+}
+
+impl Drop for StreamCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 fn respond(mut respond: SendResponse<Bytes>, status: StatusCode) {
@@ -178,11 +263,24 @@ async fn serve_stream(
         .get("forwarded")
         .and_then(|v| v.to_str().ok())
         .and_then(forwarded_for);
-    let target = match connect_target(&head.method, &head.uri, local.ip()) {
+    let target = match connect_target(
+        &head.method,
+        &head.uri,
+        local.ip(),
+        &inputs.config.agent_ports,
+    ) {
         Ok(t) => t,
-        Err(why) => {
+        Err(e) => {
             respond(responder, StatusCode::BAD_REQUEST);
-            result.fail(&ProxyError::BadRequest(why));
+            result.fail(&e);
+            return;
+        }
+    };
+    let _admitted = match inputs.limits.admit("inbound", Some(pod.workload_id), None) {
+        Ok(a) => a,
+        Err(e) => {
+            respond(responder, StatusCode::SERVICE_UNAVAILABLE);
+            super::shed(inputs, &mut result, &e, pod);
             return;
         }
     };
@@ -310,29 +408,37 @@ pub fn open_destination_report(
 }
 
 /// The target of an HBONE request, or why it gets a 400: not CONNECT, an
-/// authority that is not `ip:port`, or an IP that is not the pod the
-/// connection arrived on (a peer may not use this pod to reach others).
+/// authority that is not `ip:port`, an IP that is not the pod the
+/// connection arrived on (a peer may not use this pod to reach others), or
+/// one of the agent's own ports (it would re-enter the agent, and the inner
+/// connection would be decided with the agent's address as its source).
 pub fn connect_target(
     method: &Method,
     uri: &http::Uri,
     local_ip: IpAddr,
-) -> Result<SocketAddr, String> {
+    agent_ports: &[u16],
+) -> Result<SocketAddr, ProxyError> {
+    let bad = |why: String| Err(ProxyError::BadRequest(why));
     if method != Method::CONNECT {
-        return Err(format!("{method} is not CONNECT"));
+        return bad(format!("{method} is not CONNECT"));
     }
-    let authority = uri
-        .authority()
-        .ok_or_else(|| format!("CONNECT {uri} has no authority"))?;
-    let target: SocketAddr = authority
-        .as_str()
-        .parse()
-        .map_err(|_| format!("authority {authority} is not ip:port"))?;
+    let Some(authority) = uri.authority() else {
+        return bad(format!("CONNECT {uri} has no authority"));
+    };
+    let Ok(target) = authority.as_str().parse::<SocketAddr>() else {
+        return bad(format!("authority {authority} is not ip:port"));
+    };
     let target = canonical(target);
     if target.ip() != canonical(SocketAddr::new(local_ip, 0)).ip() {
-        return Err(format!("authority {target} is not this pod ({local_ip})"));
+        return bad(format!("authority {target} is not this pod ({local_ip})"));
     }
     if target.port() == 0 {
-        return Err("port 0".into());
+        return bad("port 0".into());
+    }
+    if agent_ports.contains(&target.port()) {
+        return Err(ProxyError::ReentersAgent {
+            what: format!("CONNECT to {target}, an agent port"),
+        });
     }
     Ok(target)
 }
@@ -345,11 +451,13 @@ pub fn fuzz_connect_request(data: &[u8]) {
         return;
     };
     let local: IpAddr = [10, 244, 1, 10].into();
+    let agent_ports = [15001, 15006, 15008, 15000, 15020, 15021];
     if let (Ok(m), Ok(u)) = (Method::from_bytes(method), http::Uri::try_from(uri))
-        && let Ok(t) = connect_target(&m, &u, local)
+        && let Ok(t) = connect_target(&m, &u, local, &agent_ports)
     {
         assert_eq!(canonical(t).ip(), local);
         assert_eq!(m, Method::CONNECT);
+        assert!(!agent_ports.contains(&t.port()));
     }
     if let Some(Ok(fwd)) = lines.next().map(std::str::from_utf8) {
         let _ = forwarded_for(fwd);

@@ -13,6 +13,7 @@ pub mod connection;
 pub mod error;
 mod h2io;
 pub mod inbound;
+pub mod limits;
 pub mod metrics;
 pub mod outbound;
 pub mod pool;
@@ -29,7 +30,9 @@ use std::{
 use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
-use self::{access_log::AccessLog, balance::Balancer, metrics::ProxyMetrics, pool::Pool};
+use self::{
+    access_log::AccessLog, balance::Balancer, limits::Limits, metrics::ProxyMetrics, pool::Pool,
+};
 pub use self::{
     connection::ConnectionResult,
     error::{ProxyError, ResponseFlags},
@@ -43,27 +46,67 @@ use crate::{
     tls::TlsContext,
 };
 
+/// How the agent's sockets are made and kept.
+#[derive(Debug, Clone)]
+pub struct SocketOptions {
+    /// `SO_MARK` on the agent's sockets, so the kernel hooks skip them.
+    pub mark: u32,
+    /// Establishing a connection: TCP connect, and for HBONE the handshake.
+    pub connect_timeout: Duration,
+    pub keepalive: Option<socket2::TcpKeepalive>,
+    /// TCP_USER_TIMEOUT: unacknowledged data is given up after this long.
+    pub user_timeout: Option<Duration>,
+}
+
+impl SocketOptions {
+    /// Keepalive and user timeout on a connected socket (best effort).
+    pub fn apply(&self, stream: &TcpStream) {
+        let s = socket2::SockRef::from(stream);
+        if let Some(k) = &self.keepalive {
+            let _ = s.set_tcp_keepalive(k);
+        }
+        if let Some(t) = self.user_timeout {
+            let _ = s.set_tcp_user_timeout(Some(t));
+        }
+    }
+}
+
 /// Settings of the data path, from the agent's config.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
-    /// `SO_MARK` on the agent's sockets, so the kernel hooks skip them.
-    pub socket_mark: u32,
+    pub sockets: SocketOptions,
     /// The sk_msg fast path for data written to apps.
     pub sockmap: bool,
-    pub connect_timeout: Duration,
     pub trust_domain: String,
     /// Plaintext sources that skip inbound checks (`inboundExemptSources`).
     pub inbound_exempt_sources: Vec<IpBlock>,
+    /// Ports of the agent: a connection to one of them would re-enter it.
+    pub agent_ports: Vec<u16>,
+    pub hbone: crate::config::HboneSettings,
 }
 
 impl ProxyConfig {
     pub fn from_config(config: &crate::config::Config) -> Self {
+        use nodemesh_common::{HBONE_PORT, INBOUND_CAPTURE_PORT, OUTBOUND_PORT};
         Self {
-            socket_mark: config.socket_mark,
+            sockets: SocketOptions {
+                mark: config.socket_mark,
+                connect_timeout: config.connect_timeout(),
+                keepalive: config.keepalive(),
+                user_timeout: config.user_timeout(),
+            },
             sockmap: config.sockmap,
-            connect_timeout: config.connect_timeout(),
             trust_domain: config.trust_domain.clone(),
             inbound_exempt_sources: config.inbound_exempt_sources(),
+            agent_ports: vec![
+                OUTBOUND_PORT,
+                INBOUND_CAPTURE_PORT,
+                HBONE_PORT,
+                config.admin_address.port(),
+                config.stats_address.port(),
+                config.readiness_address.port(),
+            ],
+            hbone: config.hbone,
         }
     }
 }
@@ -77,6 +120,7 @@ pub struct ProxyInputs {
     pub tls: Arc<TlsContext>,
     pub pool: Arc<Pool>,
     pub policies: Arc<PolicyStore>,
+    pub limits: Arc<Limits>,
     pub access_log: AccessLog,
     pub metrics: Arc<ProxyMetrics>,
     pub drain: Drain,
@@ -135,20 +179,21 @@ pub fn canonical(a: SocketAddr) -> SocketAddr {
 pub async fn connect_from(
     from: &LocalPod,
     addr: SocketAddr,
-    mark: u32,
-    timeout: Duration,
+    options: &SocketOptions,
 ) -> Result<TcpStream, ProxyError> {
     let to_itself = from.pod.ips.contains(&addr.ip());
     let socket = from
         .network
-        .socket(addr, mark, to_itself)
+        .socket(addr, options.mark, to_itself)
         .map_err(|source| ProxyError::Socket {
             pod: from.pod.key().to_string(),
             source,
         })?;
+    let timeout = options.connect_timeout;
     match tokio::time::timeout(timeout, socket.connect(addr)).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
+            options.apply(&s);
             Ok(s)
         }
         Ok(Err(source)) => Err(ProxyError::Connect { addr, source }),
@@ -159,19 +204,13 @@ pub async fn connect_from(
     }
 }
 
-/// [`connect_from`] with the data path's mark and connect timeout.
+/// [`connect_from`] with the data path's socket options.
 pub async fn connect_in(
     inputs: &ProxyInputs,
     from: &LocalPod,
     addr: SocketAddr,
 ) -> Result<TcpStream, ProxyError> {
-    connect_from(
-        from,
-        addr,
-        inputs.config.socket_mark,
-        inputs.config.connect_timeout,
-    )
-    .await
+    connect_from(from, addr, &inputs.config.sockets).await
 }
 
 /// A connection's decision, re-made after each policy reload.
@@ -233,6 +272,16 @@ pub async fn splice_rechecked(
     copied
 }
 
+/// A connection refused by [`Limits`]: counted in the metrics always, in
+/// the logs only as sampled.
+pub fn shed(inputs: &ProxyInputs, result: &mut ConnectionResult, e: &ProxyError, pod: &LocalPod) {
+    result.fail(e);
+    match inputs.limits.sampler.sample() {
+        Some(suppressed) => warn!(pod = %pod.pod.key(), suppressed, "{e}"),
+        None => result.quiet(),
+    }
+}
+
 /// Linger 0: closing sends a reset, so the peer sees a failure, not an EOF.
 /// (A zero linger never blocks the closing thread.)
 pub fn reset_on_close(stream: &TcpStream) {
@@ -257,6 +306,7 @@ pub async fn accept_loop<F, Fut>(
         };
         match accepted {
             Ok((stream, peer)) => {
+                inputs.config.sockets.apply(&stream);
                 let guard = inputs.drain.connection();
                 let served = serve(inputs.clone(), pod.clone(), stream, peer);
                 tokio::spawn(async move {

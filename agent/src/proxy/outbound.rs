@@ -39,6 +39,14 @@ pub async fn serve(
     let mut result = ConnectionResult::new(&inputs, Reporter::Source, "outbound", peer);
     result.entry().src_workload = Some(pod.pod.key().to_string());
     result.entry().src_identity = Some(pod.identity.to_string());
+    let _admitted = match inputs.limits.admit("outbound", Some(pod.workload_id), None) {
+        Ok(a) => a,
+        Err(e) => {
+            super::shed(&inputs, &mut result, &e, &pod);
+            reset_on_close(&client);
+            return;
+        }
+    };
     if let Err(e) = proxy(&inputs, &pod, &mut client, peer, &mut result).await {
         match &e {
             ProxyError::NotRedirected | ProxyError::WrongPod { .. } => {
@@ -154,6 +162,13 @@ async fn proxy(
     let _ = client.set_nodelay(true);
 
     let target = resolve(inputs, orig_dst)?;
+    // A mesh pod's agent ports are the agent's own: reaching one would
+    // re-enter it (an HBONE inside HBONE).
+    if target.pod.is_some() && inputs.config.agent_ports.contains(&target.addr.port()) {
+        return Err(ProxyError::ReentersAgent {
+            what: format!("a connection to {}, an agent port", target.addr),
+        });
+    }
     if let Some(service) = &target.service {
         result.entry().service = Some(service.to_string());
     }

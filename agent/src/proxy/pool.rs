@@ -29,7 +29,7 @@ use tokio::{sync::watch, time::Instant};
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info};
 
-use super::{LocalPod, ProxyError};
+use super::{LocalPod, ProxyError, SocketOptions};
 use crate::{identity::Identity, tls::TlsContext};
 
 /// Streams per connection; past it another connection is opened (as
@@ -37,9 +37,6 @@ use crate::{identity::Identity, tls::TlsContext};
 const MAX_STREAMS: usize = 100;
 /// Idle pooled connections are closed after this long.
 const IDLE: Duration = Duration::from_secs(60);
-/// Keepalive: a PING this often, and the connection is dead without a PONG.
-const PING_EVERY: Duration = Duration::from_secs(10);
-const PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a failed connect answers for its destination.
 pub const FAILURE_MEMORY: Duration = Duration::from_secs(1);
 
@@ -152,8 +149,11 @@ impl Drop for StreamGuard {
 
 pub struct Pool {
     tls: Arc<TlsContext>,
-    socket_mark: u32,
-    connect_timeout: Duration,
+    sockets: SocketOptions,
+    /// Keepalive: a PING this often, and the connection is dead without a
+    /// PONG in the timeout (`hbone` in the config).
+    ping_every: Duration,
+    ping_timeout: Duration,
     keys: Mutex<HashMap<Key, KeyState>>,
     opened: AtomicUsize,
 }
@@ -164,11 +164,16 @@ enum Next {
 }
 
 impl Pool {
-    pub fn new(tls: Arc<TlsContext>, socket_mark: u32, connect_timeout: Duration) -> Arc<Self> {
+    pub fn new(
+        tls: Arc<TlsContext>,
+        sockets: SocketOptions,
+        hbone: &crate::config::HboneSettings,
+    ) -> Arc<Self> {
         let pool = Arc::new(Self {
             tls,
-            socket_mark,
-            connect_timeout,
+            sockets,
+            ping_every: Duration::from_secs(hbone.ping_interval_seconds),
+            ping_timeout: Duration::from_secs(hbone.ping_timeout_seconds),
             keys: Mutex::new(HashMap::new()),
             opened: AtomicUsize::new(0),
         });
@@ -333,19 +338,20 @@ impl Pool {
         let (pool, key, src, expected) = (self.clone(), key.clone(), src.clone(), expected.clone());
         tokio::spawn(async move {
             let connected = pool.connect(&src, key.dst, &expected).await;
-            let outcome = {
+            let (outcome, driver) = {
                 let mut keys = pool.lock();
-                let state = keys.entry(key).or_default();
+                let state = keys.entry(key.clone()).or_default();
                 state.connecting = None;
                 match connected {
-                    Ok(send) => {
+                    Ok((send, driver)) => {
                         state.failed = None;
+                        let active = Arc::new(AtomicUsize::new(0));
                         state.conns.push(Conn {
                             send,
                             last_used: Instant::now(),
-                            active: Arc::new(AtomicUsize::new(0)),
+                            active: active.clone(),
                         });
-                        Outcome::Connected
+                        (Outcome::Connected, Some((driver, active)))
                     }
                     Err(e) => {
                         let failure = Arc::new(Failure {
@@ -353,11 +359,19 @@ impl Pool {
                             error: FailedWith::of(&e),
                         });
                         state.failed = Some(failure.clone());
-                        Outcome::Failed(failure)
+                        (Outcome::Failed(failure), None)
                     }
                 }
             };
             let _ = tx.send(Some(outcome));
+            // The connection runs here; once it ends (closed by the peer,
+            // idle, or dead) it leaves the pool at once.
+            if let Some((driver, active)) = driver {
+                driver.await;
+                if let Some(state) = pool.lock().get_mut(&key) {
+                    state.conns.retain(|c| !Arc::ptr_eq(&c.active, &active));
+                }
+            }
         });
         Ok(Next::Wait(rx))
     }
@@ -377,8 +391,14 @@ impl Pool {
         src: &LocalPod,
         dst: SocketAddr,
         expected: &Identity,
-    ) -> Result<SendRequest<Bytes>, ProxyError> {
-        let tcp = super::connect_from(src, dst, self.socket_mark, self.connect_timeout)
+    ) -> Result<
+        (
+            SendRequest<Bytes>,
+            impl std::future::Future<Output = ()> + use<>,
+        ),
+        ProxyError,
+    > {
+        let tcp = super::connect_from(src, dst, &self.sockets)
             .await
             .map_err(|e| match e {
                 ProxyError::ConnectTimeout { addr, .. } => ProxyError::HboneTimeout { addr },
@@ -397,7 +417,7 @@ impl Pool {
         // gets the connect timeout too: both establish the connection.
         let name = ServerName::IpAddress(dst.ip().into());
         let tls = tokio::time::timeout(
-            self.connect_timeout,
+            self.sockets.connect_timeout,
             TlsConnector::from(config).connect(name, tcp),
         )
         .await
@@ -414,25 +434,35 @@ impl Pool {
         let mut ping_pong = connection.ping_pong();
         self.opened.fetch_add(1, Ordering::Relaxed);
         info!(src = %src.identity, %dst, %expected, "HBONE connection opened");
-        tokio::spawn(async move {
-            let keepalive = async {
-                let Some(pp) = ping_pong.as_mut() else {
-                    return std::future::pending().await;
-                };
-                loop {
-                    tokio::time::sleep(PING_EVERY).await;
-                    match tokio::time::timeout(PING_TIMEOUT, pp.ping(h2::Ping::opaque())).await {
-                        Ok(Ok(_)) => {}
-                        _ => return,
-                    }
-                }
-            };
+        let (every, timeout) = (self.ping_every, self.ping_timeout);
+        let driver = async move {
             tokio::select! {
-                r = connection => if let Err(e) = r { debug!(%dst, "HBONE connection ended: {e}") },
-                () = keepalive => info!(%dst, "HBONE peer stopped answering PINGs; connection closed"),
+                r = connection => match r {
+                    Ok(()) => debug!(%dst, "HBONE connection closed"),
+                    Err(e) => debug!(%dst, "HBONE connection ended: {e}"),
+                },
+                () = keepalive(ping_pong.as_mut(), every, timeout) => {
+                    info!(%dst, "HBONE peer stopped answering PINGs; connection closed")
+                }
             }
-        });
-        Ok(send)
+        };
+        Ok((send, driver))
+    }
+}
+
+/// Resolves when the peer of an HTTP/2 connection stopped answering PINGs
+/// (sent every `every`, each given `timeout`); never without a PingPong.
+/// Runs beside the connection's own future, which carries the PONGs.
+pub async fn keepalive(ping_pong: Option<&mut h2::PingPong>, every: Duration, timeout: Duration) {
+    let Some(pp) = ping_pong else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        match tokio::time::timeout(timeout, pp.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
     }
 }
 

@@ -3,10 +3,16 @@
 //!
 //! Half-close is carried through: EOF from one side becomes
 //! `shutdown(SHUT_WR)` on the other, and each direction ends on its own.
+//!
+//! A direction holds a pipe only while bytes are in it: it takes one from a
+//! shared pool when its source has data and gives it back once the bytes
+//! are written on, so an idle connection costs its two sockets, not six
+//! descriptors.
 use std::{
     io,
     net::Shutdown,
     os::fd::{AsFd, OwnedFd},
+    sync::{Mutex, PoisonError},
 };
 
 use nix::{
@@ -40,6 +46,27 @@ impl Pipe {
     }
 }
 
+/// Empty pipes kept for reuse (beyond this many, they are closed).
+const POOLED_PIPES: usize = 256;
+static PIPES: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+
+fn take_pipe() -> io::Result<Pipe> {
+    let pooled = PIPES.lock().unwrap_or_else(PoisonError::into_inner).pop();
+    match pooled {
+        Some(p) => Ok(p),
+        None => Pipe::new(),
+    }
+}
+
+/// An empty pipe back to the pool.
+fn give_back(pipe: Pipe) {
+    debug_assert_eq!(pipe.queued, 0);
+    let mut pool = PIPES.lock().unwrap_or_else(PoisonError::into_inner);
+    if pool.len() < POOLED_PIPES {
+        pool.push(pipe);
+    }
+}
+
 /// Forwards both ways until both directions reached EOF, or one failed.
 /// Returns the bytes sent a->b and b->a; each chunk is also added to
 /// `count_ab` / `count_ba` as it is written, so metrics show progress.
@@ -49,36 +76,32 @@ pub async fn bidirectional(
     count_ab: &ByteCount,
     count_ba: &ByteCount,
 ) -> io::Result<(u64, u64)> {
-    let (mut ab, mut ba) = (Pipe::new()?, Pipe::new()?);
-    tokio::try_join!(
-        one_way(a, b, &mut ab, count_ab),
-        one_way(b, a, &mut ba, count_ba)
-    )
+    tokio::try_join!(one_way(a, b, count_ab), one_way(b, a, count_ba))
 }
 
 const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLICE_F_NONBLOCK);
 
-async fn one_way(
-    src: &TcpStream,
-    dst: &TcpStream,
-    pipe: &mut Pipe,
-    count: &ByteCount,
-) -> io::Result<u64> {
+async fn one_way(src: &TcpStream, dst: &TcpStream, count: &ByteCount) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
-        // Fill the pipe from the source.
-        let n = loop {
-            src.readable().await?;
-            match src.try_io(Interest::READABLE, || {
-                splice(src.as_fd(), None, &pipe.write, None, PIPE_SIZE, FLAGS)
-                    .map_err(io::Error::from)
-            }) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+        src.readable().await?;
+        // Held while bytes are in it; a pipe with bytes left in it after an
+        // error is closed with the connection, never pooled.
+        let mut pipe = take_pipe()?;
+        // Fill the pipe from the source; not ready after all (readiness can
+        // be stale): the pipe goes back while this direction waits.
+        let n = match src.try_io(Interest::READABLE, || {
+            splice(src.as_fd(), None, &pipe.write, None, PIPE_SIZE, FLAGS).map_err(io::Error::from)
+        }) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                give_back(pipe);
+                continue;
             }
+            Err(e) => return Err(e),
         };
         if n == 0 {
+            give_back(pipe);
             // EOF: pass the half-close on; the other direction goes on.
             match socket2::SockRef::from(dst).shutdown(Shutdown::Write) {
                 Ok(()) => {}
@@ -104,5 +127,6 @@ async fn one_way(
                 Err(e) => return Err(e),
             }
         }
+        give_back(pipe);
     }
 }

@@ -206,11 +206,19 @@ impl FileState {
         updates
     }
 
-    /// Pods the last applied file had that `file` does not.
-    pub fn removed_pods<'a>(&'a self, file: &'a WorkloadsFile) -> impl Iterator<Item = &'a PodKey> {
-        self.pods
+    /// Pods and services the last applied file had that `file` does not.
+    pub fn removed(&self, file: &WorkloadsFile) -> Vec<String> {
+        let pods = self
+            .pods
             .keys()
             .filter(|k| !file.pods.iter().any(|p| p.key() == **k))
+            .map(|k| format!("pod {k}"));
+        let services = self
+            .services
+            .keys()
+            .filter(|k| !file.services.iter().any(|s| s.key() == **k))
+            .map(|k| format!("service {k}"));
+        pods.chain(services).collect()
     }
 }
 
@@ -272,7 +280,7 @@ impl FileWorkloadSource {
     }
 }
 
-/// Reads the settled file and applies it. One that removes pods is read
+/// Reads the settled file and applies it. One that removes pods or services is read
 /// again after [`CONFIRM_REMOVAL`] and applied only if it did not change
 /// in between; otherwise the newer text is taken from the start.
 fn reload(path: &Path, state: &mut FileState, store: &WorkloadStore) -> &'static str {
@@ -288,14 +296,14 @@ fn reload(path: &Path, state: &mut FileState, store: &WorkloadStore) -> &'static
                 return "rejected";
             }
         };
-        let removed: Vec<String> = state.removed_pods(&file).map(ToString::to_string).collect();
+        let removed = state.removed(&file);
         if !removed.is_empty() && attempts < 10 {
             std::thread::sleep(CONFIRM_REMOVAL);
             if read_text(path).ok().as_deref() != Some(text.as_str()) {
                 info!(file = %path.display(), "workloads file changed while confirming a removal; reading it again");
                 continue;
             }
-            info!(file = %path.display(), pods = ?removed, "removal confirmed by a second read");
+            info!(file = %path.display(), removed = ?removed, "removal confirmed by a second read");
         }
         return match apply(state, store, &file) {
             Ok(0) => "unchanged",
@@ -306,6 +314,43 @@ fn reload(path: &Path, state: &mut FileState, store: &WorkloadStore) -> &'static
             }
         };
     }
+}
+
+/// The fuzz target's body (its seeds also run as a test): a workloads
+/// file's bytes through parsing, the diff against the last one, the store
+/// and a resolution of every address it names.
+pub fn fuzz_workloads_file(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(file) = WorkloadsFile::parse(Path::new("fuzz.yaml"), text) else {
+        return;
+    };
+    let store = WorkloadStore::new(&file.node, super::StateMetrics::default());
+    let mut state = FileState::default();
+    let _ = apply(&mut state, &store, &file);
+    for pod in &file.pods {
+        for ip in &pod.ips {
+            let _ = store.resolve(std::net::SocketAddr::new(*ip, 80));
+            let _ = store.service_of(&pod.key(), 80);
+        }
+    }
+    for svc in &file.services {
+        for vip in &svc.vips {
+            for port in &svc.ports {
+                let _ = store.resolve(std::net::SocketAddr::new(*vip, port.port));
+            }
+        }
+    }
+    // Everything removed again leaves an empty state.
+    let empty = WorkloadsFile {
+        pods: Vec::new(),
+        services: Vec::new(),
+        warnings: Vec::new(),
+        ..file
+    };
+    let _ = apply(&mut state, &store, &empty);
+    assert!(store.pods().is_empty() && store.services().is_empty());
 }
 
 #[cfg(test)]

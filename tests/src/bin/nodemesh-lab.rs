@@ -29,6 +29,9 @@ enum Cmd {
         /// Where to write the JSON results.
         #[arg(long, default_value = "target/bench/latest.json")]
         out: PathBuf,
+        /// Only the abuse phase (agent memory), printed as JSON.
+        #[arg(long)]
+        abuse_only: bool,
     },
     /// Join a cgroup and a network namespace, then exec the command.
     PodExec {
@@ -134,6 +137,15 @@ enum ClientCmd {
         #[arg(long, default_value_t = 8)]
         parallel: usize,
     },
+    /// Opens many connections and holds them idle.
+    Hold {
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        n: usize,
+        #[arg(long)]
+        secs: f64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -184,7 +196,11 @@ fn main() -> Result<()> {
             command,
         } => pod_exec(cgroup, netns, command),
         Cmd::Demo { duration } => demo::run(duration),
-        Cmd::Bench { secs, out } => bench::run(secs, &out),
+        Cmd::Bench {
+            secs,
+            out,
+            abuse_only,
+        } => bench::run(secs, &out, abuse_only),
         Cmd::Serve { port } => {
             raise_fd_limit();
             runtime()?.block_on(workload::serve(port))
@@ -209,6 +225,9 @@ fn main() -> Result<()> {
                     }
                     ClientCmd::Many { to, n, parallel } => {
                         workload::many(workload::parse_addr(&to)?, n, parallel).await
+                    }
+                    ClientCmd::Hold { to, n, secs } => {
+                        workload::hold(workload::parse_addr(&to)?, n, secs).await
                     }
                 })
             })?;
