@@ -33,7 +33,7 @@ use tracing::{debug, warn};
 use crate::{
     config::{Config, Limits},
     metrics::MetricsRegistry,
-    proxy::ProxyInputs,
+    proxy::{ProxyInputs, canonical},
     readiness::Readiness,
 };
 
@@ -242,7 +242,7 @@ pub async fn start(
     metrics.own(|r| {
         r.register(
             "admin_connections_refused",
-            "Connections to the admin, stats and readiness servers closed at once, by server and reason (limit, per_source)",
+            "Connections to the admin, stats and readiness servers closed at once, by server and reason (limit, per_source, local)",
             refused.clone(),
         )
     });
@@ -300,6 +300,7 @@ pub fn config_dump(config: Config, inputs: Arc<ProxyInputs>) -> ConfigDump {
                 "services": workloads.services().len(),
             },
             "enrolledNetns": inputs.datapath.enrolled_cookies().len(),
+            "connectionLimits": inputs.limits.effective(),
             "policies": {
                 "generation": inputs.policies.generation(),
                 "authorization": inputs.policies.names(),
@@ -311,50 +312,90 @@ pub fn config_dump(config: Config, inputs: Arc<ProxyInputs>) -> ConfigDump {
     })
 }
 
-/// Connections open to one server, in all and per source address.
+/// Connections open to one server, in all and per source address; the
+/// node's own (the kubelet's probes, a local `curl`) counted apart.
 #[derive(Default)]
 struct Open {
     total: usize,
     per_source: HashMap<IpAddr, usize>,
+    local: usize,
 }
 
 /// Held by an admitted connection.
 struct Slot {
     open: Arc<Mutex<Open>>,
-    source: IpAddr,
+    /// None: a connection from the node itself.
+    source: Option<IpAddr>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(source) = self.source else {
+            open.local -= 1;
+            return;
+        };
         open.total -= 1;
-        if let Some(n) = open.per_source.get_mut(&self.source) {
+        if let Some(n) = open.per_source.get_mut(&source) {
             *n -= 1;
             if *n == 0 {
-                open.per_source.remove(&self.source);
+                open.per_source.remove(&source);
             }
         }
     }
 }
 
-/// Admits a connection from `source` within the caps, or says which it hit.
-fn admit(open: &Arc<Mutex<Open>>, source: IpAddr, limits: &Limits) -> Result<Slot, &'static str> {
+/// Admits a connection from `source` within the caps, or says which it
+/// hit. A connection from the node itself (`local`) has its own share, so
+/// clients elsewhere, however many sources they use, cannot keep the
+/// kubelet from probing readiness.
+fn admit(
+    open: &Arc<Mutex<Open>>,
+    source: IpAddr,
+    local: bool,
+    limits: &Limits,
+) -> Result<Slot, &'static str> {
     let max = limits.max_admin_connections;
-    let per_source = (max / 4).max(1);
+    let share = (max / 4).max(1);
     let mut o = open.lock().unwrap_or_else(PoisonError::into_inner);
+    if local {
+        if o.local >= share {
+            return Err("local");
+        }
+        o.local += 1;
+        return Ok(Slot {
+            open: open.clone(),
+            source: None,
+        });
+    }
     if o.total >= max {
         return Err("limit");
     }
     let n = o.per_source.entry(source).or_default();
-    if *n >= per_source {
+    if *n >= share {
         return Err("per_source");
     }
     *n += 1;
     o.total += 1;
     Ok(Slot {
         open: open.clone(),
-        source,
+        source: Some(source),
     })
+}
+
+/// Why a connection was refused, for the log.
+fn refusal(reason: &str) -> &'static str {
+    match reason {
+        "per_source" => {
+            "connections refused: this source holds its share (a quarter of limits.maxAdminConnections)"
+        }
+        "local" => {
+            "connections refused: the node's own connections hold their share (a quarter of limits.maxAdminConnections)"
+        }
+        _ => {
+            "connections refused: the server is at its connection limit (limits.maxAdminConnections)"
+        }
+    }
 }
 
 /// Serves HTTP/1.1 on `listener` until the process ends.
@@ -373,7 +414,13 @@ async fn serve(admin: Arc<Admin>, server: Server, listener: TcpListener, limits:
                 continue;
             }
         };
-        let slot = match admit(&open, peer.ip(), &limits) {
+        // From the node itself: to its own address, or over loopback.
+        let peer = canonical(peer);
+        let local = peer.ip().is_loopback()
+            || stream
+                .local_addr()
+                .is_ok_and(|a| canonical(a).ip() == peer.ip());
+        let slot = match admit(&open, peer.ip(), local, &limits) {
             Ok(slot) => slot,
             Err(reason) => {
                 admin
@@ -391,7 +438,8 @@ async fn serve(admin: Arc<Admin>, server: Server, listener: TcpListener, limits:
                         %peer,
                         reason,
                         refused = refused_since_warning,
-                        "connections refused: the server is at its connection limit (limits.maxAdminConnections)"
+                        "{}",
+                        refusal(reason)
                     );
                     refused_since_warning = 0;
                     last_warning = tokio::time::Instant::now();
@@ -434,5 +482,36 @@ mod tests {
             prometheus_text(om),
             "# HELP a_bytes_total Bytes.\n# TYPE a_bytes_total counter\na_bytes_total{x=\"y\"} 3\n# HELP g A gauge.\n# TYPE g gauge\ng 1\n"
         );
+    }
+
+    #[test]
+    fn sources_share_a_server_and_the_node_keeps_its_own_share() {
+        let limits = Limits {
+            max_admin_connections: 8,
+            ..Limits::default()
+        };
+        let open = Arc::new(Mutex::new(Open::default()));
+        let ip = |n: u8| IpAddr::from([10, 0, 0, n]);
+        let mut held = Vec::new();
+        for n in 1..=4 {
+            held.push(admit(&open, ip(n), false, &limits).unwrap());
+            held.push(admit(&open, ip(n), false, &limits).unwrap());
+            if n == 1 {
+                let third = admit(&open, ip(1), false, &limits);
+                assert_eq!(third.err(), Some("per_source"));
+            }
+        }
+        assert_eq!(admit(&open, ip(5), false, &limits).err(), Some("limit"));
+        // Full for everyone else; the node's own probes still get in.
+        let local = [
+            admit(&open, ip(9), true, &limits).unwrap(),
+            admit(&open, ip(9), true, &limits).unwrap(),
+        ];
+        assert_eq!(admit(&open, ip(9), true, &limits).err(), Some("local"));
+        drop(local);
+        drop(held.pop());
+        assert!(admit(&open, ip(5), false, &limits).is_ok());
+        let o = open.lock().unwrap();
+        assert_eq!((o.total, o.local), (7, 0));
     }
 }

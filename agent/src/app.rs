@@ -26,7 +26,7 @@ use crate::{
         metrics::ProxyMetrics, pool::Pool,
     },
     readiness::Readiness,
-    state::{FileWorkloadSource, StateMetrics, WorkloadStore, WorkloadsFile},
+    state::{FileSourceMetrics, FileWorkloadSource, StateMetrics, WorkloadStore, WorkloadsFile},
     tls::{TlsContext, TrustBundle, read_bundle},
 };
 
@@ -147,9 +147,13 @@ pub async fn build(config: Config, components: Components) -> anyhow::Result<Bou
         registry.own(StateMetrics::new),
     ));
     let reloads = registry.own(ReloadMetrics::new);
-    let workload_source =
-        FileWorkloadSource::start(&workloads_file, workloads.clone(), reloads.clone())
-            .map_err(anyhow::Error::msg)?;
+    let workload_source = FileWorkloadSource::start(
+        &workloads_file,
+        workloads.clone(),
+        registry.own(|r| FileSourceMetrics::new(r, reloads.clone())),
+        &config.state_dir,
+    )
+    .map_err(anyhow::Error::msg)?;
     let proxy_config = ProxyConfig::from_config(&config);
     let pool = Pool::new(tls.clone(), proxy_config.sockets.clone(), &config.hbone);
     registry.own(|r| pool.register_metrics(r));

@@ -20,6 +20,12 @@ pub struct Config {
     /// Directory on a bpffs where maps and links are pinned. One per agent.
     #[serde(default = "default_bpffs_dir")]
     pub bpffs_dir: PathBuf,
+    /// Where the agent keeps what must outlive its restart: the local pods
+    /// it last enrolled (so a restart never unenrols a running pod that a
+    /// cut workloads file leaves out). A node-local directory (hostPath);
+    /// one per agent.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
     /// `SO_MARK` on the agent's own sockets, so the kernel never redirects them.
     #[serde(default = "default_socket_mark")]
     pub socket_mark: u32,
@@ -83,9 +89,9 @@ pub struct Config {
     /// Bounds on what clients may make the agent hold.
     #[serde(default)]
     pub limits: Limits,
-    /// TCP keepalive on every socket of the agent; a peer that stops
-    /// answering is given up after `timeSeconds + intervalSeconds × probes`
-    /// (also the TCP_USER_TIMEOUT for unacknowledged data).
+    /// TCP keepalive on the agent's proxied and HBONE sockets: an idle
+    /// peer that stops answering is given up after `timeSeconds +
+    /// intervalSeconds × probes`.
     #[serde(default)]
     pub tcp_keepalive: TcpKeepalive,
     /// Liveness of inbound HBONE connections.
@@ -110,10 +116,11 @@ pub struct Limits {
     /// servers and HBONE.
     pub max_connections: usize,
     /// Per local workload and direction (outbound, HBONE inbound,
-    /// plaintext inbound).
+    /// plaintext inbound); 0: half of the total, so one busy or abused pod
+    /// leaves the other half to the rest of the node.
     pub max_connections_per_workload: usize,
     /// Per source address, for the inbound paths (HBONE connections,
-    /// captured plaintext connections).
+    /// captured plaintext connections); 0: a quarter of the total.
     pub max_connections_per_source: usize,
     /// Per admin, stats and readiness server.
     pub max_admin_connections: usize,
@@ -127,8 +134,8 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: 0,
-            max_connections_per_workload: 1024,
-            max_connections_per_source: 512,
+            max_connections_per_workload: 0,
+            max_connections_per_source: 0,
             max_admin_connections: 64,
             admin_header_timeout_seconds: 5,
             admin_connection_timeout_seconds: 30,
@@ -143,6 +150,12 @@ pub struct TcpKeepalive {
     pub time_seconds: u64,
     pub interval_seconds: u64,
     pub probes: u32,
+    /// TCP_USER_TIMEOUT: unacknowledged data given up after this long; 0
+    /// (default): off, the kernel's retransmission limits apply. Off by
+    /// default because recent kernels also abort a connection whose
+    /// receiver kept a zero window that long (an app that stopped reading
+    /// for a while); HBONE's PINGs already bound a partitioned peer.
+    pub user_timeout_seconds: u64,
 }
 
 impl Default for TcpKeepalive {
@@ -152,6 +165,7 @@ impl Default for TcpKeepalive {
             time_seconds: 60,
             interval_seconds: 10,
             probes: 3,
+            user_timeout_seconds: 0,
         }
     }
 }
@@ -206,6 +220,9 @@ fn default_readiness_address() -> std::net::SocketAddr {
 fn default_access_log_max_bytes() -> u64 {
     100 * 1024 * 1024
 }
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/run/nodemesh")
+}
 fn default_bpffs_dir() -> PathBuf {
     PathBuf::from("/sys/fs/bpf/nodemesh")
 }
@@ -237,6 +254,7 @@ impl Config {
         // Relative paths are relative to the config file, not the cwd.
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.workloads_file = base.join(&cfg.workloads_file);
+        cfg.state_dir = base.join(&cfg.state_dir);
         if let Some(log) = &cfg.access_log {
             cfg.access_log = Some(base.join(log));
         }
@@ -285,20 +303,11 @@ impl Config {
             ));
         }
         let l = &cfg.limits;
-        for (field, value) in [
-            (
-                "limits.maxConnectionsPerWorkload",
-                l.max_connections_per_workload,
-            ),
-            (
-                "limits.maxConnectionsPerSource",
-                l.max_connections_per_source,
-            ),
-            ("limits.maxAdminConnections", l.max_admin_connections),
-        ] {
-            if value == 0 {
-                return Err(invalid(field, "must be at least 1".into()));
-            }
+        if l.max_admin_connections == 0 {
+            return Err(invalid(
+                "limits.maxAdminConnections",
+                "must be at least 1".into(),
+            ));
         }
         if l.admin_header_timeout_seconds == 0 || l.admin_connection_timeout_seconds == 0 {
             return Err(invalid(
@@ -366,11 +375,10 @@ impl Config {
     }
 
     /// How long unacknowledged data may wait before a connection is given
-    /// up: as long as keepalive takes to give up on an idle one.
+    /// up, when set.
     pub fn user_timeout(&self) -> Option<Duration> {
-        let k = &self.tcp_keepalive;
-        k.enabled
-            .then(|| Duration::from_secs(k.time_seconds + k.interval_seconds * u64::from(k.probes)))
+        let t = self.tcp_keepalive.user_timeout_seconds;
+        (t > 0).then(|| Duration::from_secs(t))
     }
 
     pub fn connect_timeout(&self) -> Duration {
@@ -456,11 +464,11 @@ mod tests {
             err.contains("adminAddress: 10.0.0.1:15000 is not a loopback address"),
             "{err}"
         );
-        let err = load(&format!("{BASE}limits: {{maxConnectionsPerSource: 0}}\n"))
+        let err = load(&format!("{BASE}limits: {{maxAdminConnections: 0}}\n"))
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("limits.maxConnectionsPerSource: must be at least 1"),
+            err.contains("limits.maxAdminConnections: must be at least 1"),
             "{err}"
         );
         let err = load("workloadsFile: w.yaml\n").unwrap_err().to_string();

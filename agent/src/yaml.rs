@@ -40,11 +40,17 @@ fn options(max_bytes: u64) -> serde_saphyr::Options {
 }
 
 fn parse_error(path: &Path, e: serde_saphyr::Error) -> YamlError {
+    let mut message = e
+        .to_string()
+        .replace(", set DuplicateKeyPolicy in Options if acceptable", "");
+    if message.contains("budget breached") {
+        message += &format!(
+            " (a file may hold at most {MAX_DOCUMENTS} documents, and nodes and events in proportion to its size limit; split it)"
+        );
+    }
     YamlError::Parse {
         path: path.to_owned(),
-        message: e
-            .to_string()
-            .replace(", set DuplicateKeyPolicy in Options if acceptable", ""),
+        message,
     }
 }
 

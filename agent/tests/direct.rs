@@ -73,7 +73,7 @@ impl Lab {
             lab.write_workloads(node, services);
             let d = lab.dir.display().to_string();
             let config = format!(
-                "workloadsFile: {d}/workloads-{node}.yaml\ncgroupPath: /sys/fs/cgroup\ncaCertFile: {d}/ca.pem\ncaKeyFile: {d}/ca.key\npolicyDir: {d}/policies\naccessLog: {d}/access-{node}.log\nadminAddress: 127.0.0.1:0\nstatsAddress: 127.0.0.1:0\nreadinessAddress: 127.0.0.1:0\ndrainTimeoutSeconds: 1\n{extra}"
+                "workloadsFile: {d}/workloads-{node}.yaml\nstateDir: {d}/state-{node}\ncgroupPath: /sys/fs/cgroup\ncaCertFile: {d}/ca.pem\ncaKeyFile: {d}/ca.key\npolicyDir: {d}/policies\naccessLog: {d}/access-{node}.log\nadminAddress: 127.0.0.1:0\nstatsAddress: 127.0.0.1:0\nreadinessAddress: 127.0.0.1:0\ndrainTimeoutSeconds: 1\n{extra}"
             );
             let path = lab.dir.join(format!("agent-{node}.yaml"));
             std::fs::write(&path, config).unwrap();

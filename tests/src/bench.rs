@@ -51,6 +51,16 @@ fn status_kib(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Starts a new peak (`VmHWM`) at the current resident size, so a peak
+/// measures what came after, not the start-up.
+fn reset_peak_rss(pid: u32) {
+    let _ = fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+/// How long an agent is given after start (or a burst) to return freed
+/// memory (jemalloc purges after its 1 s decay).
+const SETTLE: Duration = Duration::from_secs(3);
+
 struct Runner<'a> {
     c: &'a Cluster,
     secs: f64,
@@ -179,8 +189,9 @@ fn abuse(c: &Cluster, rounds: usize) -> Result<Value> {
         .agent_pid(1)
         .ok_or_else(|| anyhow::anyhow!("node 1's agent is not running"))?;
     // Settled after start-up (freed start-up memory returned).
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(SETTLE);
     let before = status_kib(pid, "VmRSS:");
+    reset_peak_rss(pid);
     let to = format!("{}:8080", c.pod("server-remote").ip4);
     for round in 0..rounds {
         eprintln!("bench: abuse round {} of {rounds} ...", round + 1);
@@ -252,16 +263,26 @@ pub fn run(secs: f64, out: &Path, abuse_only: bool) -> Result<()> {
         ),
     ];
     let mut results = serde_json::Map::new();
+    std::thread::sleep(SETTLE);
     let idle_rss: Vec<u64> = (0..2)
         .map(|k| c.agent_pid(k).map(|p| status_kib(p, "VmRSS:")).unwrap_or(0))
         .collect();
+    for pid in (0..2).filter_map(|k| c.agent_pid(k)) {
+        reset_peak_rss(pid);
+    }
+    // Node 0's agent is restarted for the sockmap runs: its peak before.
+    let mut peak0_before_restart = 0;
     for sockmap in [false, true] {
         if sockmap {
+            peak0_before_restart = c.agent_pid(0).map_or(0, |p| status_kib(p, "VmHWM:"));
             c.spec.agent.sockmap = true;
             c.stop_agent(0)?;
             c.rewrite_agent_config(0)?;
             c.start_agent(0)?;
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(SETTLE);
+            if let Some(pid) = c.agent_pid(0) {
+                reset_peak_rss(pid);
+            }
         }
         let runner = Runner { c: &c, secs };
         for (placement, to, direct_to, server_node) in &targets {
@@ -285,11 +306,11 @@ pub fn run(secs: f64, out: &Path, abuse_only: bool) -> Result<()> {
             results.insert(format!("{placement}/{key}"), meshed);
         }
     }
-    // Node 1's agent ran the whole time: its peak is the load's. Node 0's
-    // was restarted for the sockmap runs, so its peak covers those.
+    // Peaks under load, start-ups left out.
     let peak_rss: Vec<u64> = (0..2)
         .map(|k| c.agent_pid(k).map(|p| status_kib(p, "VmHWM:")).unwrap_or(0))
         .collect();
+    let peak_rss = vec![peak_rss[0].max(peak0_before_restart), peak_rss[1]];
     let abuse = abuse(&c, 5)?;
     let summary = json!({
         "policy": policy,

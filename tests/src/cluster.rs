@@ -108,6 +108,25 @@ pub struct ClusterSpec {
     pub agent: AgentOptions,
 }
 
+impl ClusterSpec {
+    /// Two nodes: `client`, `promo` and `server-local` on node 0,
+    /// `server-remote` on node 1, and `outsider` (out of the mesh) on node 0.
+    pub fn two_nodes() -> Self {
+        Self {
+            nodes: 2,
+            pods: vec![
+                PodSpec::new("client", 0),
+                PodSpec::new("promo", 0),
+                PodSpec::new("server-local", 0),
+                PodSpec::new("server-remote", 1),
+                PodSpec::new("outsider", 0).unenrolled(),
+            ],
+            services: vec![],
+            agent: AgentOptions::default(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PodInfo {
     pub spec: PodSpec,
@@ -518,19 +537,22 @@ impl Cluster {
         Ok(())
     }
 
-    /// The workloads file for node k, as the agent reads it.
+    /// The workloads file for node k, as the agent reads it. Every pod is
+    /// listed, as the Kubernetes API lists it; those out of the mesh with
+    /// Istio's `istio.io/dataplane-mode: none` (the explicit way out: a
+    /// running pod the file merely leaves out stays enrolled).
     pub fn workloads_yaml(&self, k: usize, enrolled: &dyn Fn(&PodInfo) -> bool) -> String {
         let mut y = format!("node: node-{k}\npods:\n");
         for p in self.pods.values() {
             let local = p.spec.node == k;
-            if local && !enrolled(p) {
-                continue;
-            }
-            if !local && !p.spec.enrolled {
-                continue;
-            }
+            let meshed = if local { enrolled(p) } else { p.spec.enrolled };
+            let opt_out = if meshed {
+                ""
+            } else {
+                ", istio.io/dataplane-mode: none"
+            };
             y += &format!(
-                "  - name: {}\n    namespace: {}\n    serviceAccount: {}\n    labels: {{app: {}}}\n    ips: [\"{}\", \"{}\"]\n    node: node-{}\n",
+                "  - name: {}\n    namespace: {}\n    serviceAccount: {}\n    labels: {{app: {}{opt_out}}}\n    ips: [\"{}\", \"{}\"]\n    node: node-{}\n",
                 p.spec.name,
                 p.spec.namespace,
                 p.spec.service_account,
@@ -584,10 +606,11 @@ impl Cluster {
     fn write_agent_config(&self, k: usize) -> Result<()> {
         let a = &self.agents[k];
         let y = format!(
-            "workloadsFile: {}\ncgroupPath: {}\nbpffsDir: {}\naccessLog: {}\nsockmap: {}\ndrainTimeoutSeconds: {}\nebpfLog: {}\ncaCertFile: {}\ncaKeyFile: {}\ntrustBundleFile: {}\ncertLifetimeSeconds: {}\npolicyDir: {}\nadminAddress: {}\nstatsAddress: {}\nreadinessAddress: {}\ninboundExemptSources: [{}]\n{}",
+            "workloadsFile: {}\ncgroupPath: {}\nbpffsDir: {}\nstateDir: {}\naccessLog: {}\nsockmap: {}\ndrainTimeoutSeconds: {}\nebpfLog: {}\ncaCertFile: {}\ncaKeyFile: {}\ntrustBundleFile: {}\ncertLifetimeSeconds: {}\npolicyDir: {}\nadminAddress: {}\nstatsAddress: {}\nreadinessAddress: {}\ninboundExemptSources: [{}]\n{}",
             a.workloads.display(),
             self.cgroup_dir.join(format!("node-{k}")).display(),
             self.bpffs.join(format!("node-{k}")).display(),
+            self.state_dir.join(format!("agent-state-{k}")).display(),
             a.access_log.display(),
             self.spec.agent.sockmap,
             self.spec.agent.drain_timeout_seconds.unwrap_or(2),
@@ -799,6 +822,16 @@ impl Cluster {
         )
     }
 
+    /// The same in node k's own netns (as a process of the node's host,
+    /// outside its pods' cgroups).
+    pub fn node_command(&self, k: usize, args: &[&str]) -> Command {
+        self.command_in(
+            &self.cgroup_dir.join("external"),
+            &format!("/run/netns/{}", self.ns_node(k)),
+            args,
+        )
+    }
+
     /// The external host's netns, e.g. for `http::get`.
     pub fn external_netns(&self) -> PathBuf {
         PathBuf::from(format!("/run/netns/{}", self.ns_ext()))
@@ -871,6 +904,32 @@ impl Cluster {
     pub fn probe(&self, pod: &str, to: &str) -> Value {
         self.run_in_pod(pod, &["client", "probe", "--to", to])
             .expect("running the probe client")
+    }
+
+    /// An `hbone-probe` from `from` to `to`'s HBONE port (15008) with a
+    /// certificate of the mesh CA, asking CONNECT to `authority`; its
+    /// JSON report.
+    pub fn hbone_probe(&self, from: &str, to: &str, mode: &str, authority: &str) -> Value {
+        let (cert, key) = self.ca_files();
+        let port = format!("{}:15008", self.pod(to).ip4);
+        let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        self.run_in_pod(
+            from,
+            &[
+                "hbone-probe",
+                "--to",
+                &port,
+                "--mode",
+                mode,
+                "--ca-cert",
+                &cert,
+                "--ca-key",
+                &key,
+                "--authority",
+                authority,
+            ],
+        )
+        .expect("running the HBONE probe")
     }
 
     /// Starts a long-running lab command (a server) in a pod; it is killed

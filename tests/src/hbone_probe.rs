@@ -115,6 +115,9 @@ fn connect_block(authority: &str) -> Vec<u8> {
     b
 }
 
+/// What `connect` claims as the client's address.
+pub const FORGED_FORWARDED: &str = "for=\"6.6.6.6:4444\"";
+
 /// Runs one probe; `mode` is one of plaintext, http1, no-cert, other-ca,
 /// rapid-reset, continuation-flood, big-header, connect (one CONNECT to
 /// `authority` with a valid certificate; reports the status).
@@ -194,9 +197,20 @@ pub async fn run(
 
 /// One CONNECT; the status of the answer when it is one of HPACK's static
 /// `:status` entries (200, 204, 206, 304, 400, 404, 500), else `other`.
+/// The request carries a forged `forwarded` header ([`FORGED_FORWARDED`]):
+/// the agent must log it as a claim, never use it as the source.
 async fn connect_status(mut tls: impl AsyncRead + AsyncWrite + Unpin, authority: &str) -> Value {
     let mut out = [PREFACE, &frame(SETTINGS, 0, 0, &[])].concat();
-    out.extend(frame(HEADERS, END_HEADERS, 1, &connect_block(authority)));
+    let mut block = connect_block(authority);
+    // A literal header field without indexing, with a new name.
+    for (i, part) in ["forwarded", FORGED_FORWARDED].iter().enumerate() {
+        if i == 0 {
+            block.push(0x00);
+        }
+        block.push(part.len() as u8);
+        block.extend_from_slice(part.as_bytes());
+    }
+    out.extend(frame(HEADERS, END_HEADERS, 1, &block));
     if tls.write_all(&out).await.is_err() {
         return json!({"status": "write failed"});
     }

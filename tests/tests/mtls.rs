@@ -115,26 +115,7 @@ fn the_node_link_carries_only_tls_for_meshed_pods() {
 }
 
 fn hbone_probe(c: &Cluster, mode: &str) -> Value {
-    let (cert, key) = c.ca_files();
-    let to = format!("{}:15008", c.pod("server-remote").ip4);
-    let authority = remote(c);
-    c.run_in_pod(
-        "outsider",
-        &[
-            "hbone-probe",
-            "--to",
-            &to,
-            "--mode",
-            mode,
-            "--ca-cert",
-            cert.to_str().unwrap(),
-            "--ca-key",
-            key.to_str().unwrap(),
-            "--authority",
-            &authority,
-        ],
-    )
-    .unwrap()
+    c.hbone_probe("outsider", "server-remote", mode, &remote(c))
 }
 
 #[test]

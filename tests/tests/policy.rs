@@ -2,22 +2,11 @@
 //! cluster. Root; fails, never skips, when the cluster cannot be built.
 use std::{process::Stdio, time::Duration};
 
-use nodemesh_lab::{Cluster, ClusterSpec, PodSpec, cluster::wait_for};
+use nodemesh_lab::{Cluster, ClusterSpec, cluster::wait_for};
 use serde_json::Value;
 
 fn cluster() -> Cluster {
-    let spec = ClusterSpec {
-        nodes: 2,
-        pods: vec![
-            PodSpec::new("client", 0),
-            PodSpec::new("promo", 0),
-            PodSpec::new("server-local", 0),
-            PodSpec::new("server-remote", 1),
-            PodSpec::new("outsider", 0).unenrolled(),
-        ],
-        services: vec![],
-        agent: Default::default(),
-    };
+    let spec = ClusterSpec::two_nodes();
     let mut c = Cluster::start(spec).expect("building the virtual cluster (needs root)");
     c.spawn_in_pod("server-remote", &["serve", "--port", "8080"])
         .unwrap();

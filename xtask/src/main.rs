@@ -326,7 +326,8 @@ fn test(root: &Path, path: &OsString, args: &[String]) -> Result<()> {
     fuzz(root, path)?;
     // Root tests share kernel state (cgroups, bpffs, netns): one at a time.
     let mut cmd = cargo(root, path);
-    cmd.args(["test", "--release", "--workspace"])
+    // Every suite runs even after a failure, so one run shows them all.
+    cmd.args(["test", "--release", "--workspace", "--no-fail-fast"])
         .args(args)
         .args(["--", "--test-threads=1"]);
     eprintln!("+ {cmd:?}");

@@ -606,3 +606,25 @@ fn bad_input_is_refused_with_a_clear_error() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(e.contains("bin.yaml") && e.contains("not UTF-8"), "{e}");
 }
+
+#[test]
+fn ten_thousand_documents_in_one_file_load_and_more_are_refused_by_name() {
+    // The limit was serde-saphyr's undocumented 1,024; now the README's.
+    let doc = |i: usize| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p{i}, namespace: shop}}\nspec: {{action: ALLOW, rules: [{{}}]}}\n"
+        )
+    };
+    let many = |n: usize| (0..n).map(doc).collect::<Vec<_>>().join("---\n");
+    let l =
+        load(&[("many.yaml", &many(crate::yaml::MAX_DOCUMENTS))]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(l.authorization.len(), crate::yaml::MAX_DOCUMENTS);
+    let e = load(&[("many.yaml", &many(crate::yaml::MAX_DOCUMENTS + 1))])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with(&std::env::temp_dir().display().to_string()) && e.contains("many.yaml"),
+        "{e}"
+    );
+    assert!(e.contains("at most 10000 documents"), "{e}");
+}

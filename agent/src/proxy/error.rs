@@ -125,7 +125,7 @@ pub enum ProxyError {
     },
     #[error("no certificate for {identity}: {reason}")]
     Certificate { identity: String, reason: String },
-    #[error("refused: {limit} connection limit ({max}) reached; see limits in the agent config")]
+    #[error("refused: the {limit} connection limit ({max}) is reached (README: Limits)")]
     Overloaded { limit: &'static str, max: usize },
     #[error("refused: {what} would re-enter the agent")]
     ReentersAgent { what: String },

@@ -15,6 +15,7 @@ use tracing::{debug, warn};
 
 use super::{
     ConnectionResult, LocalPod, ProxyError, ProxyInputs, canonical, h2io,
+    limits::Admitted,
     metrics::{Peer, Report, Reporter, SecurityPolicy, ServiceName},
     reset_on_close,
 };
@@ -54,12 +55,10 @@ pub async fn serve(inputs: Arc<ProxyInputs>, pod: Arc<LocalPod>, tcp: TcpStream,
             what: format!("an HBONE connection from {peer}"),
         })
     } else {
-        inputs
-            .limits
-            .admit("hbone_connection", None, Some(peer.ip()))
+        inputs.limits.admit_handshake(peer.ip())
     };
     let outcome = match admitted {
-        Ok(_admitted) => serve_connection(&inputs, &pod, tcp, peer).await,
+        Ok(handshake) => serve_connection(&inputs, &pod, tcp, peer, handshake).await,
         Err(e) => {
             reset_on_close(&tcp);
             Err(e)
@@ -86,7 +85,7 @@ pub async fn serve(inputs: Arc<ProxyInputs>, pod: Arc<LocalPod>, tcp: TcpStream,
             {
                 warn!(pod = %pod.pod.key(), %peer, suppressed, "{e}")
             }
-            Some(_) => debug!(pod = %pod.pod.key(), %peer, "{e}"),
+            Some(suppressed) => debug!(pod = %pod.pod.key(), %peer, suppressed, "{e}"),
             None => result.quiet(),
         }
     }
@@ -98,12 +97,15 @@ fn is_agent_source(ip: IpAddr) -> bool {
         || ip == IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
 }
 
-/// Fails only before the first stream (TLS, certificate, HTTP/2 preface).
+/// Fails only before the first stream (TLS, certificate, limits, HTTP/2
+/// preface). `handshake` holds the connection's place in the handshake
+/// budget until the peer is authenticated.
 async fn serve_connection(
     inputs: &Arc<ProxyInputs>,
     pod: &Arc<LocalPod>,
     tcp: TcpStream,
     peer: SocketAddr,
+    handshake: Admitted,
 ) -> Result<(), ProxyError> {
     let local = canonical(tcp.local_addr().map_err(ProxyError::Transfer)?);
     let _ = tcp.set_nodelay(true);
@@ -116,15 +118,15 @@ async fn serve_connection(
                 identity: pod.identity.to_string(),
                 reason: e.to_string(),
             })?;
-    let handshake =
+    let refused =
         |code: &'static str, reason: String| ProxyError::TlsHandshake { peer, code, reason };
     let handshake_timeout = inputs.config.sockets.connect_timeout.max(HANDSHAKE_TIMEOUT);
     let tls = match tokio::time::timeout(handshake_timeout, TlsAcceptor::from(server).accept(tcp))
         .await
     {
         Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return Err(handshake(failure_reason(&e), e.to_string())),
-        Err(_) => return Err(handshake("timeout", "TLS handshake timed out".into())),
+        Ok(Err(e)) => return Err(refused(failure_reason(&e), e.to_string())),
+        Err(_) => return Err(refused("timeout", "TLS handshake timed out".into())),
     };
     // Identity comes only from the client certificate (already verified).
     let src_identity = tls
@@ -132,11 +134,16 @@ async fn serve_connection(
         .1
         .peer_certificates()
         .and_then(|c| c.first())
-        .ok_or_else(|| handshake("no_client_certificate", "no client certificate".into()))
+        .ok_or_else(|| refused("no_client_certificate", "no client certificate".into()))
         .and_then(|c| {
             svid_identity(c, &pod.identity.trust_domain)
-                .map_err(|e| handshake("not_an_svid", e.to_string()))
+                .map_err(|e| refused("not_an_svid", e.to_string()))
         })?;
+    // Authenticated: from the handshake budget into the main one.
+    let _admitted = inputs
+        .limits
+        .admit("hbone_connection", None, Some(peer.ip()))?;
+    drop(handshake);
     let mut conn = match tokio::time::timeout(handshake_timeout, h2_server().handshake(tls)).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
@@ -159,7 +166,9 @@ async fn serve_connection(
     );
     tokio::pin!(keepalive);
     let idle_timeout = Duration::from_secs(hbone.idle_timeout_seconds);
-    let mut idle_check = tokio::time::interval((idle_timeout / 4).min(Duration::from_secs(1)));
+    // Checked every quarter of the timeout: an idle connection closes
+    // within 1.5 times it, and a busy one wakes up rarely.
+    let mut idle_check = tokio::time::interval((idle_timeout / 4).max(Duration::from_millis(250)));
     let streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut idle_since = Some(tokio::time::Instant::now());
     // On drain or idle: GOAWAY, so peers open no new streams here and the

@@ -39,6 +39,10 @@ const MAX_STREAMS: usize = 100;
 const IDLE: Duration = Duration::from_secs(60);
 /// How long a failed connect answers for its destination.
 pub const FAILURE_MEMORY: Duration = Duration::from_secs(1);
+/// Pooled connections (and connects in flight) at most, all destinations
+/// together: half the descriptors kept out of the connection limits. An
+/// app that dials many mesh pods cannot make idle ones take the rest.
+pub const MAX_CONNECTIONS: usize = super::limits::RESERVED_FDS / 2;
 
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 struct Key {
@@ -333,6 +337,18 @@ impl Pool {
                 retry_in_ms: (FAILURE_MEMORY - ago).as_millis(),
             });
         }
+        // Room for one more connection: an idle one elsewhere may go.
+        let open: usize = keys
+            .values()
+            .map(|s| s.conns.len() + usize::from(s.connecting.is_some()))
+            .sum();
+        if open >= MAX_CONNECTIONS && !close_least_recently_used(&mut keys) {
+            return Err(ProxyError::Overloaded {
+                limit: "hbone_pool",
+                max: MAX_CONNECTIONS,
+            });
+        }
+        let state = keys.entry(key.clone()).or_default();
         let (tx, rx) = watch::channel(None);
         state.connecting = Some(rx.clone());
         let (pool, key, src, expected) = (self.clone(), key.clone(), src.clone(), expected.clone());
@@ -448,6 +464,25 @@ impl Pool {
         };
         Ok((send, driver))
     }
+}
+
+/// Closes the pooled connection without streams that was used least
+/// recently; false if every one has streams.
+fn close_least_recently_used(keys: &mut HashMap<Key, KeyState>) -> bool {
+    let oldest = keys
+        .iter()
+        .flat_map(|(k, s)| s.conns.iter().map(move |c| (k, c)))
+        .filter(|(_, c)| c.active.load(Ordering::Acquire) == 0)
+        .min_by_key(|(_, c)| c.last_used)
+        .map(|(k, c)| (k.clone(), c.active.clone()));
+    let Some((key, active)) = oldest else {
+        return false;
+    };
+    if let Some(state) = keys.get_mut(&key) {
+        state.conns.retain(|c| !Arc::ptr_eq(&c.active, &active));
+    }
+    debug!(dst = %key.dst, "closing the least recently used idle HBONE connection to make room");
+    true
 }
 
 /// Resolves when the peer of an HTTP/2 connection stopped answering PINGs

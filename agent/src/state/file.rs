@@ -3,12 +3,13 @@
 //! one producer of workload updates: each reload is compared with the last
 //! one applied and only what changed is sent to the store.
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap, HashSet},
     net::IpAddr,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
 };
 
+use prometheus_client::{metrics::gauge::Gauge, registry::Registry};
 use serde::Deserialize;
 use tracing::{error, info, warn};
 
@@ -22,10 +23,15 @@ use crate::{
     yaml::{self, YamlError},
 };
 
-/// How long a reload that removes pods waits to read the file again: it
-/// applies only if both reads agree, so a file cut by a writer that was not
-/// done yet never unenrols a running pod.
-pub const CONFIRM_REMOVAL: std::time::Duration = std::time::Duration::from_millis(500);
+/// How long a reload that removes or changes pods or services waits to
+/// read the file again: it applies only if both reads agree, so a file cut
+/// by a writer that was not done yet is never applied.
+pub const CONFIRM_CHANGE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Istio's label that takes a pod out of ambient mode. With `none`, the
+/// pod is listed but not in the mesh: the one explicit way to take a
+/// running local pod out (its absence from the file is not enough).
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 
 /// The file as users write it.
 #[derive(Debug, Clone, Deserialize)]
@@ -59,6 +65,9 @@ pub struct WorkloadsFile {
     pub node: String,
     pub pods: Vec<Arc<Pod>>,
     pub services: Vec<Arc<Service>>,
+    /// Pods listed with `istio.io/dataplane-mode: none`: running, outside
+    /// the mesh (not in `pods`).
+    pub opted_out: Vec<PodKey>,
     pub warnings: Vec<String>,
 }
 
@@ -78,6 +87,7 @@ impl WorkloadsFile {
             warnings.push(format!("{}: {field}: {message}; left out", path.display()));
         };
         let mut pods: Vec<Arc<Pod>> = Vec::with_capacity(doc.pods.len());
+        let mut opted_out = Vec::new();
         let mut seen: HashMap<PodKey, usize> = HashMap::new();
         for (i, pod) in doc.pods.into_iter().enumerate() {
             if pod.name.is_empty() || pod.namespace.is_empty() {
@@ -85,6 +95,10 @@ impl WorkloadsFile {
                     format!("pods[{i}]"),
                     "name and namespace must not be empty".into(),
                 );
+                continue;
+            }
+            if pod.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some("none") {
+                opted_out.push(pod.key());
                 continue;
             }
             if pod.node == doc.node && pod.netns.is_none() {
@@ -157,6 +171,7 @@ impl WorkloadsFile {
             node: doc.node,
             pods,
             services,
+            opted_out,
             warnings,
         }
     }
@@ -175,6 +190,11 @@ fn read_text(path: &Path) -> Result<String, YamlError> {
 pub struct FileState {
     pods: HashMap<PodKey, Arc<Pod>>,
     services: HashMap<ServiceKey, Arc<Service>>,
+    /// Local pods the file no longer lists, kept while their netns exists.
+    kept: BTreeSet<PodKey>,
+    /// Where the local pods applied are saved for the next agent (none in
+    /// tests and fuzzing).
+    saved_to: Option<PathBuf>,
 }
 
 impl FileState {
@@ -206,20 +226,104 @@ impl FileState {
         updates
     }
 
-    /// Pods and services the last applied file had that `file` does not.
-    pub fn removed(&self, file: &WorkloadsFile) -> Vec<String> {
-        let pods = self
-            .pods
-            .keys()
-            .filter(|k| !file.pods.iter().any(|p| p.key() == **k))
-            .map(|k| format!("pod {k}"));
+    /// What `file` would remove or change of the last applied state: pods
+    /// and services it no longer lists (kept pods are known to be missing
+    /// already), and those it lists differently. A cut can do either: lose
+    /// whole objects, or the last lines of one (its labels, which select
+    /// policies). Additions need no confirmation.
+    pub fn to_confirm(&self, file: &WorkloadsFile) -> Vec<String> {
+        let pods: HashMap<PodKey, &Arc<Pod>> = file.pods.iter().map(|p| (p.key(), p)).collect();
+        let services: HashMap<ServiceKey, &Arc<Service>> =
+            file.services.iter().map(|s| (s.key(), s)).collect();
+        let pods = self.pods.iter().filter_map(|(k, old)| match pods.get(k) {
+            None if !self.kept.contains(k) => Some(format!("pod {k} removed")),
+            Some(new) if *new != old => Some(format!("pod {k} changed")),
+            _ => None,
+        });
         let services = self
             .services
-            .keys()
-            .filter(|k| !file.services.iter().any(|s| s.key() == **k))
-            .map(|k| format!("service {k}"));
+            .iter()
+            .filter_map(|(k, old)| match services.get(k) {
+                None => Some(format!("service {k} removed")),
+                Some(new) if *new != old => Some(format!("service {k} changed")),
+                _ => None,
+            });
         pods.chain(services).collect()
     }
+
+    /// Local pods the last applied file had that `file` neither lists nor
+    /// takes out of the mesh (`istio.io/dataplane-mode: none`), and whose
+    /// network namespace still exists, i.e. pods still running: added to
+    /// `file` as they were, so a file cut by a writer that died, or one
+    /// that lost lines, never unenrols a running pod (it would leave the
+    /// pod's traffic outside the mesh). Returns their keys. Such a pod
+    /// leaves once its netns is gone ([`Self::release_gone`]).
+    fn keep_running(
+        &self,
+        file: &mut WorkloadsFile,
+        netns_exists: &dyn Fn(&Path) -> bool,
+    ) -> BTreeSet<PodKey> {
+        let listed: HashSet<PodKey> = file
+            .pods
+            .iter()
+            .map(|p| p.key())
+            .chain(file.opted_out.iter().cloned())
+            .collect();
+        let mut kept = BTreeSet::new();
+        let mut keep = Vec::new();
+        for (key, pod) in &self.pods {
+            if pod.node != file.node || listed.contains(key) {
+                continue;
+            }
+            let Some(netns) = pod.netns.as_deref().filter(|n| netns_exists(n)) else {
+                continue;
+            };
+            if !self.kept.contains(key) {
+                warn!(
+                    pod = %key,
+                    netns = %netns.display(),
+                    file = %file.path.display(),
+                    "local pod missing from the workloads file while its network namespace still exists: kept in the mesh; list it with the label {DATAPLANE_MODE_LABEL}: none to take it out (it leaves by itself once its netns is gone)"
+                );
+            }
+            keep.push(pod.clone());
+            kept.insert(key.clone());
+        }
+        file.pods.extend(keep);
+        kept
+    }
+
+    /// Kept pods whose network namespace is gone (the pod was deleted):
+    /// their removal from the store.
+    fn release_gone(&mut self, netns_exists: &dyn Fn(&Path) -> bool) -> Vec<WorkloadUpdate> {
+        let gone: Vec<PodKey> = self
+            .kept
+            .iter()
+            .filter(|k| {
+                self.pods
+                    .get(*k)
+                    .and_then(|p| p.netns.as_deref())
+                    .is_none_or(|n| !netns_exists(n))
+            })
+            .cloned()
+            .collect();
+        gone.into_iter()
+            .map(|key| {
+                info!(pod = %key, "network namespace of a pod missing from the workloads file is gone; removing the pod");
+                self.kept.remove(&key);
+                self.pods.remove(&key);
+                WorkloadUpdate::RemovePod(key)
+            })
+            .collect()
+    }
+}
+
+/// Whether a pod's network namespace still exists: its path is a
+/// namespace (CNI bind-mounts it; a file left behind by a failed unmount
+/// is not one).
+fn netns_exists(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
 }
 
 /// Applies `file` to `store` (its changes only) and logs the outcome.
@@ -243,24 +347,145 @@ pub fn apply(
     let n = updates.len();
     store.apply(updates);
     info!(file = %file.path.display(), pods = file.pods.len(), services = file.services.len(), changes = n, "workloads applied");
+    if n > 0 {
+        state.save(&file.node);
+    }
     Ok(n)
+}
+
+/// The file in `stateDir` that holds the local pods last applied.
+pub const SAVED_PODS_FILE: &str = "local-pods.json";
+
+impl FileState {
+    /// Saves the local pods applied (kept ones included), in the workloads
+    /// file's own format, for the agent that starts after this one. Best
+    /// effort: without it a restart reads the workloads file alone.
+    fn save(&self, node: &str) {
+        let Some(path) = &self.saved_to else { return };
+        let mut pods: Vec<&Pod> = self
+            .pods
+            .values()
+            .filter(|p| p.node == node)
+            .map(|p| &**p)
+            .collect();
+        pods.sort_by_key(|p| p.key());
+        let doc = serde_json::json!({ "node": node, "pods": pods });
+        let tmp = path.with_extension("tmp");
+        let written = std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))
+            .and_then(|()| std::fs::write(&tmp, doc.to_string()))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            warn!(file = %path.display(), "saving the local pods for the next agent: {e}");
+        }
+    }
+}
+
+/// The local pods a previous agent on this node last applied (none if it
+/// saved none, or for another node, or the file is unreadable: a warning).
+fn load_saved(path: &Path, node: &str) -> Vec<Arc<Pod>> {
+    let text = match files::read_text(path, files::MAX_WORKLOADS_BYTES) {
+        Ok(t) => t,
+        Err(files::FileError::Open { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            return Vec::new();
+        }
+        Err(e) => {
+            warn!(
+                "the local pods a previous agent saved are unreadable; starting from the workloads file alone: {e}"
+            );
+            return Vec::new();
+        }
+    };
+    match WorkloadsFile::parse(path, &text) {
+        Ok(f) if f.node == node => f.local_pods().cloned().collect(),
+        Ok(f) => {
+            warn!(file = %path.display(), "saved for node {}, not {node}; ignored", f.node);
+            Vec::new()
+        }
+        Err(e) => {
+            warn!(
+                "the local pods a previous agent saved do not parse; starting from the workloads file alone: {e}"
+            );
+            Vec::new()
+        }
+    }
+}
+
+/// The workloads file source's metrics.
+#[derive(Clone)]
+pub struct FileSourceMetrics {
+    reloads: ReloadMetrics,
+    pods_kept: Gauge,
+}
+
+impl FileSourceMetrics {
+    pub fn new(registry: &mut Registry, reloads: ReloadMetrics) -> Self {
+        let pods_kept = Gauge::default();
+        registry.register(
+            "workload_pods_kept",
+            "Local pods the workloads file no longer lists, kept in the mesh because their network namespace still exists",
+            pods_kept.clone(),
+        );
+        Self { reloads, pods_kept }
+    }
 }
 
 /// Keeps the store in line with the workloads file while it is kept.
 pub struct FileWorkloadSource {
     _watch: fswatch::Watch,
+    release: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FileWorkloadSource {
+    fn drop(&mut self) {
+        self.release.abort();
+    }
 }
 
 impl FileWorkloadSource {
     /// Applies `initial` (read at start-up: an error there is fatal, there
-    /// is no last good state yet) and watches the file's directory.
+    /// is no last good state yet) and watches the file's directory; pods
+    /// kept because their netns existed are released once it is gone
+    /// (checked every [`fswatch::POLL`]).
+    ///
+    /// The local pods the previous agent saved in `state_dir` are the last
+    /// applied state, and the file is then read as any reload: a restart
+    /// with a cut file keeps the running pods it leaves out too.
     pub fn start(
         initial: &WorkloadsFile,
-        store: std::sync::Arc<WorkloadStore>,
-        reloads: ReloadMetrics,
+        store: Arc<WorkloadStore>,
+        metrics: FileSourceMetrics,
+        state_dir: &Path,
     ) -> Result<Self, String> {
-        let mut state = FileState::default();
-        apply(&mut state, &store, initial)?;
+        let saved_to = state_dir.join(SAVED_PODS_FILE);
+        let mut state = FileState {
+            saved_to: Some(saved_to.clone()),
+            ..FileState::default()
+        };
+        let saved = load_saved(&saved_to, &initial.node);
+        if !saved.is_empty() {
+            info!(pods = saved.len(), file = %saved_to.display(), "local pods the previous agent enrolled");
+            let last = WorkloadsFile {
+                path: saved_to,
+                node: initial.node.clone(),
+                pods: saved,
+                services: Vec::new(),
+                opted_out: Vec::new(),
+                warnings: Vec::new(),
+            };
+            apply(&mut state, &store, &last)?;
+            if reload(&initial.path, &mut state, &store, &netns_exists) == "rejected" {
+                return Err(format!(
+                    "the workloads file {} was rejected (above)",
+                    initial.path.display()
+                ));
+            }
+        } else {
+            apply(&mut state, &store, initial)?;
+        }
+        metrics.pods_kept.set(state.kept.len() as i64);
+        let state = Arc::new(Mutex::new(state));
         let path = initial.path.clone();
         let name = path.file_name().map(|n| n.to_owned());
         let dir = path
@@ -268,46 +493,91 @@ impl FileWorkloadSource {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."))
             .to_owned();
-        let watch = fswatch::watch(
-            &dir,
-            move |n| Some(n) == name.as_deref(),
-            move || {
-                let outcome = reload(&path, &mut state, &store);
-                reloads.record("workloads", outcome);
-            },
-        );
-        Ok(Self { _watch: watch })
+        let watch = {
+            let (state, store, metrics) = (state.clone(), store.clone(), metrics.clone());
+            fswatch::watch(
+                &dir,
+                move |n| Some(n) == name.as_deref(),
+                move || {
+                    let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+                    let outcome = reload(&path, &mut state, &store, &netns_exists);
+                    metrics.reloads.record("workloads", outcome);
+                    metrics.pods_kept.set(state.kept.len() as i64);
+                },
+            )
+        };
+        let release = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(fswatch::POLL);
+            loop {
+                tick.tick().await;
+                // Busy: a reload is running (it may wait to confirm a
+                // removal); the next tick checks.
+                let Ok(mut state) = state.try_lock() else {
+                    continue;
+                };
+                if state.kept.is_empty() {
+                    continue;
+                }
+                let updates = state.release_gone(&netns_exists);
+                metrics.pods_kept.set(state.kept.len() as i64);
+                if !updates.is_empty() {
+                    // Under the lock: a reload cannot add the pod back in
+                    // between.
+                    store.apply(updates);
+                    state.save(store.node());
+                }
+            }
+        });
+        Ok(Self {
+            _watch: watch,
+            release,
+        })
     }
 }
 
-/// Reads the settled file and applies it. One that removes pods or services is read
-/// again after [`CONFIRM_REMOVAL`] and applied only if it did not change
-/// in between; otherwise the newer text is taken from the start.
-fn reload(path: &Path, state: &mut FileState, store: &WorkloadStore) -> &'static str {
+/// Reads the settled file and applies it. One that removes or changes
+/// pods or services is read again after [`CONFIRM_CHANGE`] and applied
+/// only if it did not change in between; otherwise the newer text is taken from the
+/// start. Running local pods it no longer lists are kept
+/// ([`FileState::keep_running`]).
+fn reload(
+    path: &Path,
+    state: &mut FileState,
+    store: &WorkloadStore,
+    netns_exists: &dyn Fn(&Path) -> bool,
+) -> &'static str {
     let mut attempts = 0;
     loop {
         attempts += 1;
         let parsed =
             read_text(path).and_then(|text| Ok((WorkloadsFile::parse(path, &text)?, text)));
-        let (file, text) = match parsed {
+        let (mut file, text) = match parsed {
             Ok(p) => p,
             Err(e) => {
                 error!("workloads file rejected, keeping the last good one: {e}");
                 return "rejected";
             }
         };
-        let removed = state.removed(&file);
-        if !removed.is_empty() && attempts < 10 {
-            std::thread::sleep(CONFIRM_REMOVAL);
+        let to_confirm = state.to_confirm(&file);
+        if !to_confirm.is_empty() && attempts < 10 {
+            std::thread::sleep(CONFIRM_CHANGE);
             if read_text(path).ok().as_deref() != Some(text.as_str()) {
-                info!(file = %path.display(), "workloads file changed while confirming a removal; reading it again");
+                info!(file = %path.display(), "workloads file changed while confirming a removal or change; reading it again");
                 continue;
             }
-            info!(file = %path.display(), removed = ?removed, "removal confirmed by a second read");
+            info!(
+                file = %path.display(),
+                count = to_confirm.len(),
+                first = ?&to_confirm[..to_confirm.len().min(10)],
+                "removals and changes confirmed by a second read"
+            );
         }
+        let kept = state.keep_running(&mut file, netns_exists);
         return match apply(state, store, &file) {
-            Ok(0) => "unchanged",
-            Ok(_) => "applied",
+            Ok(n) => {
+                state.kept = kept;
+                if n == 0 { "unchanged" } else { "applied" }
+            }
             Err(e) => {
                 error!("workloads file rejected, keeping the last good one: {e}");
                 "rejected"
@@ -346,6 +616,7 @@ pub fn fuzz_workloads_file(data: &[u8]) {
     let empty = WorkloadsFile {
         pods: Vec::new(),
         services: Vec::new(),
+        opted_out: Vec::new(),
         warnings: Vec::new(),
         ..file
     };
@@ -435,6 +706,132 @@ services:
         let other_node = GOOD.replace("node: node-0\npods", "node: node-9\npods");
         let err = apply(&mut state, &store, &parse(&other_node).unwrap()).unwrap_err();
         assert!(err.contains("node changed from node-0 to node-9"), "{err}");
+    }
+
+    #[test]
+    fn a_running_local_pod_leaves_only_when_taken_out_or_when_its_netns_is_gone() {
+        let dir = std::env::temp_dir().join(format!("nm-keep-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("workloads.yaml");
+        let store = WorkloadStore::new("node-0", StateMetrics::default());
+        let mut state = FileState::default();
+        apply(&mut state, &store, &parse(GOOD).unwrap()).unwrap();
+        let running = std::sync::atomic::AtomicBool::new(true);
+        let exists = |p: &Path| {
+            p == Path::new("/run/netns/cart-1")
+                && running.load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let names = |store: &WorkloadStore| {
+            let mut n: Vec<String> = store.pods().iter().map(|p| p.name.clone()).collect();
+            n.sort();
+            n
+        };
+        // Cut after the node line (a writer that died): valid YAML, no pods.
+        std::fs::write(&path, "node: node-0\n").unwrap();
+        assert_eq!(reload(&path, &mut state, &store, &exists), "applied");
+        // The running local pod stays, in the store and so enrolled; the
+        // remote one and the service are gone (removal confirmed).
+        assert_eq!(names(&store), ["cart-1"]);
+        assert!(store.services().is_empty());
+        assert_eq!(
+            state.kept.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+            ["shop/cart-1"]
+        );
+        // Another reload of the same file keeps it, without a confirmation.
+        let started = tokio::time::Instant::now();
+        assert_eq!(reload(&path, &mut state, &store, &exists), "unchanged");
+        assert!(
+            started.elapsed() < CONFIRM_CHANGE,
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(state.release_gone(&exists).is_empty());
+        // Its netns gone: the pod was deleted, and leaves.
+        running.store(false, std::sync::atomic::Ordering::Relaxed);
+        let updates = state.release_gone(&exists);
+        assert!(matches!(&updates[..], [WorkloadUpdate::RemovePod(k)] if k.name == "cart-1"));
+        store.apply(updates);
+        assert!(store.pods().is_empty());
+        assert!(state.kept.is_empty());
+
+        // Listed again, then taken out explicitly with Istio's label: it
+        // leaves although its netns exists.
+        running.store(true, std::sync::atomic::Ordering::Relaxed);
+        std::fs::write(&path, GOOD).unwrap();
+        assert_eq!(reload(&path, &mut state, &store, &exists), "applied");
+        assert_eq!(names(&store), ["cart-1", "orders-1"]);
+        let out = GOOD.replace(
+            "labels: {app: cart}",
+            "labels: {app: cart, istio.io/dataplane-mode: none}",
+        );
+        std::fs::write(&path, &out).unwrap();
+        assert_eq!(reload(&path, &mut state, &store, &exists), "applied");
+        assert_eq!(names(&store), ["orders-1"]);
+        assert!(state.kept.is_empty());
+        let file = parse(&out).unwrap();
+        assert_eq!(file.opted_out.len(), 1);
+        assert!(file.warnings.is_empty(), "{:?}", file.warnings);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_restart_reads_the_file_against_the_pods_the_previous_agent_saved() {
+        let dir = std::env::temp_dir().join(format!("nm-saved-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("workloads.yaml");
+        let state_dir = dir.join("state");
+        // A netns that exists for any user: this process's own.
+        let full = GOOD.replace("/run/netns/cart-1", "/proc/self/ns/net");
+        assert!(netns_exists(Path::new("/proc/self/ns/net")));
+        assert!(!netns_exists(&dir));
+        let start = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            let store = Arc::new(WorkloadStore::new("node-0", StateMetrics::default()));
+            let metrics =
+                FileSourceMetrics::new(&mut Registry::default(), ReloadMetrics::default());
+            let initial = WorkloadsFile::parse(&path, text).unwrap();
+            let source =
+                FileWorkloadSource::start(&initial, store.clone(), metrics, &state_dir).unwrap();
+            let mut names: Vec<String> = store.pods().iter().map(|p| p.name.clone()).collect();
+            names.sort();
+            drop(source);
+            names
+        };
+        assert_eq!(start(&full), ["cart-1", "orders-1"]);
+        let saved = std::fs::read_to_string(state_dir.join(SAVED_PODS_FILE)).unwrap();
+        assert!(
+            saved.contains("cart-1") && !saved.contains("orders-1"),
+            "{saved}"
+        );
+        // The next agent starts with a cut file: the running pod stays.
+        assert_eq!(start("node: node-0\n"), ["cart-1"]);
+        // Taken out explicitly: it goes, and is no longer saved.
+        let out = full.replace(
+            "labels: {app: cart}",
+            "labels: {app: cart, istio.io/dataplane-mode: none}",
+        );
+        assert_eq!(start(&out), ["orders-1"]);
+        assert_eq!(start("node: node-0\n"), Vec::<String>::new());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_cluster_of_fifty_thousand_pods_parses() {
+        // The old parser budget stopped near 13,900 pods.
+        let mut y = String::from("node: node-0\npods:\n");
+        for i in 0..50_000u32 {
+            let ip = std::net::Ipv4Addr::from(0x0af4_0000 + i);
+            y += &format!(
+                "  - name: pod-{i}\n    namespace: shop\n    serviceAccount: sa-{}\n    labels: {{app: app-{}, version: v1}}\n    ips: [\"{ip}\"]\n    node: node-{}\n",
+                i % 50,
+                i % 50,
+                1 + i % 100
+            );
+        }
+        assert!(y.len() as u64 <= files::MAX_WORKLOADS_BYTES);
+        let file = parse(&y).unwrap();
+        assert_eq!(file.pods.len(), 50_000);
     }
 
     #[test]

@@ -5,6 +5,6 @@ pub mod file;
 mod model;
 mod store;
 
-pub use file::{FileWorkloadSource, WorkloadsFile};
+pub use file::{FileSourceMetrics, FileWorkloadSource, WorkloadsFile};
 pub use model::{Endpoint, Pod, PodKey, Resolved, Service, ServiceKey, ServicePort};
 pub use store::{StateMetrics, WorkloadStore, WorkloadUpdate};

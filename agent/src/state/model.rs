@@ -7,11 +7,12 @@ use std::{
     sync::Arc,
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-/// A pod. Deserialised as the workloads file writes it; other sources build
-/// it from their own objects.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+/// A pod. Deserialised as the workloads file writes it (and serialised so,
+/// for the agent's saved state); other sources build it from their own
+/// objects.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Pod {
     pub name: String,
@@ -25,7 +26,7 @@ pub struct Pod {
     pub ips: Vec<IpAddr>,
     pub node: String,
     /// Path of the pod's network namespace; required for local pods.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<PathBuf>,
 }
 
