@@ -357,9 +357,13 @@ fn test(root: &Path, path: &OsString, args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Runs every fuzz target for a bounded time (nightly, libFuzzer with
-/// AddressSanitizer); a crash fails the run and leaves its input under
-/// agent/fuzz/artifacts. The eBPF object is not needed: a stub is built in.
+/// Runs every fuzz target for a bounded time (nightly, libFuzzer); a panic,
+/// an input slower than 10 s or one that takes 2 GiB fails the run and
+/// leaves its input under agent/fuzz/artifacts. Without AddressSanitizer:
+/// the fuzzed parsers are safe Rust (`unsafe` is denied outside `common`
+/// and the eBPF crate), so it would find nothing more, and it cost ~2 min
+/// of every CI run to build (6m22 vs 4m50 measured). The eBPF object is not
+/// needed: a stub is built in.
 fn fuzz(root: &Path, path: &OsString) -> Result<()> {
     let dir = root.join("agent/fuzz");
     // rustup's cargo, for `+nightly`.
@@ -379,12 +383,13 @@ fn fuzz(root: &Path, path: &OsString) -> Result<()> {
         let scratch = dir.join("target/corpus").join(target);
         fs::create_dir_all(&scratch)?;
         run(nightly()
-            .args(["fuzz", "run", target])
+            .args(["fuzz", "run", "--sanitizer", "none", target])
             .arg(&scratch)
             .arg(format!("corpus/{target}"))
             .args([
                 "--",
                 &format!("-max_total_time={FUZZ_SECONDS}"),
+                "-timeout=10",
                 "-rss_limit_mb=2048",
             ]))?;
     }
