@@ -6,11 +6,12 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use tokio::signal::unix::SignalKind;
+use tokio::{signal::unix::SignalKind, sync::mpsc};
 use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, Admin, Server},
+    cni::{self, CniMetrics, CniRecords, CniRequest},
     config::Config,
     datapath::{Datapath, PodNetworks},
     drain::Drain,
@@ -32,6 +33,19 @@ use crate::{
 
 /// How often enrolment is retried for pods that failed (netns not there yet).
 const RETRY: Duration = Duration::from_secs(2);
+/// How often enrolled pods are checked against the kernel.
+const VERIFY: Duration = Duration::from_secs(5);
+/// How often waiting CNI ADDs are checked for their deadline (and, every
+/// tenth time, pods the CNI plugin enrolled for an unmounted netns).
+const CNI_CHECK: Duration = Duration::from_millis(100);
+
+/// The next request of the CNI plugin; never, without CNI enrolment.
+async fn recv(requests: &mut Option<mpsc::Receiver<CniRequest>>) -> Option<CniRequest> {
+    match requests {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}
 
 /// Parts that replace the node's own: the in-process tests run the agent
 /// with `datapath::loopback` instead of the kernel programs and netns.
@@ -51,6 +65,9 @@ pub struct Bound {
     inputs: Arc<ProxyInputs>,
     admin: Arc<Admin>,
     enrolment: Enrolment,
+    /// Requests of the CNI plugin (none without `cni`).
+    cni_requests: Option<mpsc::Receiver<CniRequest>>,
+    cni_server: Option<tokio::task::JoinHandle<()>>,
     // Dropping these stops their watches.
     _workload_source: FileWorkloadSource,
     _watches: Vec<fswatch::Watch>,
@@ -183,17 +200,48 @@ pub async fn build(config: Config, components: Components) -> anyhow::Result<Bou
             store.reload(&d);
         }));
     }
-    watches.push(watch_trust_bundle(tls.clone(), &bundle_path, reloads));
+    watches.push(watch_trust_bundle(
+        tls.clone(),
+        &bundle_path,
+        reloads.clone(),
+    ));
     tokio::spawn(renew_certificates(certs));
 
     let networks = components.networks.unwrap_or_else(|| Arc::new(NetnsPaths));
+    let records = match &config.cni {
+        Some(_) => CniRecords::restore(&config.state_dir, &inpod::cookie_of),
+        None => CniRecords::unsaved(),
+    };
     let mut enrolment = Enrolment::new(
         inputs.clone(),
         networks,
         registry.own(EnrolmentMetrics::new),
         certificates,
+        records,
+        config.cni.is_some(),
     );
+    if let Some(cni) = &config.cni {
+        enrolment.recover_running_pods(&cni.proc_root, &cni.netns_dir, &inpod::holds_address);
+    }
     enrolment.reconcile().await;
+    // The CNI server starts once the pods enrolled before are back, so an
+    // ADD never races their re-enrolment.
+    let (mut cni_requests, mut cni_server) = (None, None);
+    if let Some(settings) = &config.cni {
+        let (tx, rx) = mpsc::channel(64);
+        let server =
+            cni::server::start(settings, tx, registry.own(CniMetrics::new)).with_context(|| {
+                format!(
+                    "starting the CNI server on {}",
+                    settings.socket_path.display()
+                )
+            })?;
+        cni_requests = Some(rx);
+        cni_server = Some(server);
+        if let Some(install) = &settings.install {
+            watches.push(cni::install::start(settings, install, reloads.clone()));
+        }
+    }
     info!(
         node = %inputs.workloads.node(),
         enrolled = enrolment.enrolled(),
@@ -206,6 +254,8 @@ pub async fn build(config: Config, components: Components) -> anyhow::Result<Bou
         inputs,
         admin,
         enrolment,
+        cni_requests,
+        cni_server,
         _workload_source: workload_source,
         _watches: watches,
     })
@@ -231,9 +281,25 @@ impl Bound {
     ) -> anyhow::Result<()> {
         let mut changes = self.inputs.workloads.subscribe();
         let mut retry = tokio::time::interval(RETRY);
+        let mut cni_check = tokio::time::interval(CNI_CHECK);
+        let mut verify = tokio::time::interval(VERIFY);
+        verify.reset();
+        let mut cni_requests = self.cni_requests.take();
+        let mut ticks: u32 = 0;
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
+                Some(request) = recv(&mut cni_requests) => {
+                    self.enrolment.handle_cni(request).await;
+                }
+                _ = cni_check.tick() => {
+                    ticks = ticks.wrapping_add(1);
+                    if ticks.is_multiple_of(10) && self.enrolment.cni_pods_left() {
+                        self.enrolment.reconcile().await;
+                    } else if self.enrolment.has_pending() {
+                        self.enrolment.answer_pending();
+                    }
+                }
                 changed = changes.changed() => {
                     if changed.is_err() { break; }
                     self.enrolment.reconcile().await;
@@ -242,6 +308,19 @@ impl Bound {
                         workloads.services().iter().map(|s| s.key()).collect();
                     self.inputs.balancer.retain(|k| services.contains(k));
                 }
+                _ = verify.tick() => {
+                    let recovered = match &self.config.cni {
+                        Some(cni) => self.enrolment.recover_running_pods(
+                            &cni.proc_root,
+                            &cni.netns_dir,
+                            &inpod::holds_address,
+                        ),
+                        None => false,
+                    };
+                    if self.enrolment.verify() || recovered {
+                        self.enrolment.reconcile().await;
+                    }
+                }
                 _ = retry.tick() => {
                     if self.enrolment.has_failures() {
                         self.enrolment.reconcile().await;
@@ -249,6 +328,9 @@ impl Bound {
                 }
                 () = &mut shutdown => break,
             }
+        }
+        if let Some(server) = self.cni_server.take() {
+            server.abort();
         }
         let drain = self.inputs.drain.clone();
         info!(

@@ -103,6 +103,56 @@ pub struct Config {
     /// Level of the eBPF programs' own log lines (aya-log): off or debug.
     #[serde(default)]
     pub ebpf_log: EbpfLog,
+    /// Enrolment by the chained CNI plugin `nodemesh-cni` (Kubernetes):
+    /// the agent answers its requests on a unix socket, so a pod is in the
+    /// mesh before any of its containers starts. None: local pods are
+    /// enrolled from the netns paths of the workload source only.
+    #[serde(default)]
+    pub cni: Option<CniSettings>,
+}
+
+/// The CNI plugin's side of the agent (README: "Enrolment by CNI").
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CniSettings {
+    /// The unix socket the plugin asks on (a hostPath shared with the
+    /// node's container runtime).
+    #[serde(default = "default_cni_socket")]
+    pub socket_path: PathBuf,
+    /// How long an ADD waits for its pod to appear in the workload source
+    /// (the API watch may lag the runtime) before it fails and the runtime
+    /// retries. Kept below the plugin's own timeout.
+    #[serde(default = "default_cni_pod_wait_ms")]
+    pub pod_wait_ms: u64,
+    /// The host's /proc (mounted into the agent's pod, e.g. at /host/proc):
+    /// scanned for pods that already run when their netns is not known (an
+    /// agent installed on a running node, or its saved state lost).
+    #[serde(default = "default_proc_root")]
+    pub proc_root: PathBuf,
+    /// Where the runtime mounts pods' netns (mounted with HostToContainer
+    /// propagation): the stable name of a netns found by the scan.
+    #[serde(default = "default_netns_dir")]
+    pub netns_dir: PathBuf,
+    /// Installs the plugin on the node: the binary into `binDir`, an entry
+    /// into the primary network config in `confDir`, put back whenever that
+    /// config is rewritten. None: installed by other means.
+    #[serde(default)]
+    pub install: Option<CniInstall>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CniInstall {
+    /// The host's CNI binary directory (`/opt/cni/bin`, mounted).
+    pub bin_dir: PathBuf,
+    /// The host's CNI config directory (`/etc/cni/net.d`, mounted).
+    pub conf_dir: PathBuf,
+    /// The plugin binary to install (in the agent's image).
+    pub binary: PathBuf,
+    /// Namespaces whose pods the plugin never sends (the agent's own must be
+    /// one: its pod cannot wait for itself).
+    #[serde(default = "default_cni_exclude")]
+    pub exclude_namespaces: Vec<String>,
 }
 
 /// Connection limits (README: "Limits"). Past one, a new connection is
@@ -220,6 +270,21 @@ fn default_readiness_address() -> std::net::SocketAddr {
 fn default_access_log_max_bytes() -> u64 {
     100 * 1024 * 1024
 }
+fn default_cni_socket() -> PathBuf {
+    PathBuf::from(nodemesh_cni::protocol::DEFAULT_SOCKET_PATH)
+}
+fn default_proc_root() -> PathBuf {
+    PathBuf::from("/proc")
+}
+fn default_netns_dir() -> PathBuf {
+    PathBuf::from("/var/run/netns")
+}
+fn default_cni_pod_wait_ms() -> u64 {
+    5000
+}
+fn default_cni_exclude() -> Vec<String> {
+    vec!["kube-system".into(), "nodemesh-system".into()]
+}
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/run/nodemesh")
 }
@@ -255,6 +320,14 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.workloads_file = base.join(&cfg.workloads_file);
         cfg.state_dir = base.join(&cfg.state_dir);
+        if let Some(cni) = &mut cfg.cni {
+            cni.socket_path = base.join(&cni.socket_path);
+            if let Some(i) = &mut cni.install {
+                i.bin_dir = base.join(&i.bin_dir);
+                i.conf_dir = base.join(&i.conf_dir);
+                i.binary = base.join(&i.binary);
+            }
+        }
         if let Some(log) = &cfg.access_log {
             cfg.access_log = Some(base.join(log));
         }

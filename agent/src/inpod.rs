@@ -18,7 +18,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket};
 
 use crate::{
-    datapath::{INBOUND_SOURCE_V4, PodNetwork, PodNetworks},
+    datapath::{INBOUND_SOURCE_V4, NetnsHandle, PodNetwork, PodNetworks},
     state::Pod,
 };
 
@@ -127,12 +127,60 @@ impl PodNetwork for PodNetns {
     }
 }
 
+/// The cookie of the namespace `handle` holds (None if it cannot be read).
+pub fn cookie_of(handle: &NetnsHandle) -> Option<u64> {
+    let netns = PodNetns {
+        file: handle.file.try_clone().ok()?,
+        path: handle.path.clone(),
+    };
+    netns.cookie().ok()
+}
+
+/// Whether `netns` is the agent's own network namespace.
+pub fn is_agent_netns(netns: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Some(agent), Ok(given)) = (AGENT_NETNS.get(), netns.metadata()) else {
+        return false;
+    };
+    agent
+        .metadata()
+        .is_ok_and(|a| a.dev() == given.dev() && a.ino() == given.ino())
+}
+
+/// Whether `ip` is an address of the namespace `handle` holds: a socket
+/// there binds to it only then.
+pub fn holds_address(handle: &NetnsHandle, ip: IpAddr) -> bool {
+    let Ok(file) = handle.file.try_clone() else {
+        return false;
+    };
+    let netns = PodNetns {
+        file,
+        path: handle.path.clone(),
+    };
+    netns
+        .run(|| {
+            let s = Socket::new(
+                Domain::for_address(SocketAddr::new(ip, 0)),
+                Type::STREAM,
+                Some(Protocol::TCP),
+            )?;
+            s.bind(&SocketAddr::new(ip, 0).into())
+        })
+        .is_ok()
+}
+
 /// Opens local pods' namespaces by the netns path their source gave.
 #[derive(Default)]
 pub struct NetnsPaths;
 
 impl PodNetworks for NetnsPaths {
-    fn open(&self, pod: &Pod) -> io::Result<Arc<dyn PodNetwork>> {
+    fn open(&self, pod: &Pod, netns: Option<&NetnsHandle>) -> io::Result<Arc<dyn PodNetwork>> {
+        if let Some(h) = netns {
+            return Ok(Arc::new(PodNetns {
+                file: h.file.try_clone()?,
+                path: h.path.clone(),
+            }));
+        }
         let path = pod.netns.as_ref().ok_or_else(|| {
             io::Error::new(io::ErrorKind::NotFound, "local pod without a netns path")
         })?;

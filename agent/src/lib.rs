@@ -4,6 +4,7 @@
 //! and `nodemesh_common::user` (map types and one socket option).
 pub mod admin;
 pub mod app;
+pub mod cni;
 pub mod config;
 pub mod datapath;
 pub mod drain;

@@ -159,6 +159,11 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Uninstall { config } => {
             let config = Config::load(&config)?;
+            // The plugin first: left in the conflist without an agent, it
+            // would keep every new pod on the node from starting.
+            if let Some(install) = config.cni.as_ref().and_then(|c| c.install.as_ref()) {
+                nodemesh_agent::cni::install::uninstall(install)?;
+            }
             ebpf::uninstall(&config.bpffs_dir)?;
             Ok(())
         }

@@ -73,3 +73,23 @@ fn workloads_file_seeds() {
     }
     assert!(n >= 5, "seed corpus missing ({n} files)");
 }
+
+#[test]
+fn cni_input_seeds() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/cni_input");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let _ = nodemesh_cni::plugin::fuzz_input(&std::fs::read(entry.unwrap().path()).unwrap());
+        n += 1;
+    }
+    assert!(n >= 5, "seed corpus missing ({n} files)");
+    let seed = |name: &str| std::fs::read(format!("{dir}/{name}")).unwrap();
+    let ips = nodemesh_cni::plugin::fuzz_input(&seed("ptp-1.0.0.json")).unwrap();
+    assert_eq!(ips.len(), 2, "{ips:?}");
+    assert_eq!(
+        nodemesh_cni::plugin::fuzz_input(&seed("bridge-0.4.0.json")),
+        Some(vec![[10, 1, 2, 3].into()])
+    );
+    // An address that is not one: the plugin reports it, never panics.
+    assert_eq!(nodemesh_cni::plugin::fuzz_input(&seed("bad-ip.json")), None);
+}

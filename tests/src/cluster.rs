@@ -44,6 +44,13 @@ pub struct PodSpec {
     pub node: usize,
     /// Listed in the agent's workloads file as a local pod (meshed).
     pub enrolled: bool,
+    /// Created through the node's CNI chain (`Cluster::cni_add_pod`), as a
+    /// runtime creates a sandbox: listed without a netns path, with the
+    /// address the CNI gave it once it has one.
+    pub cni: bool,
+    /// The pod's UID, listed when set (CNI pods: their cgroup is named
+    /// after it, as the kubelet names pod cgroups).
+    pub uid: Option<String>,
 }
 
 impl PodSpec {
@@ -55,7 +62,14 @@ impl PodSpec {
             app: name.into(),
             node,
             enrolled: true,
+            cni: false,
+            uid: None,
         }
+    }
+
+    pub fn via_cni(mut self) -> Self {
+        self.cni = true;
+        self
     }
 
     pub fn unenrolled(mut self) -> Self {
@@ -98,6 +112,10 @@ pub struct AgentOptions {
     pub inbound_exempt_sources: Vec<String>,
     /// More agent config, as YAML lines (e.g. `limits`, `hbone`).
     pub extra: String,
+    /// Enrolment by the CNI plugin: each agent serves `cni.sock` in its
+    /// directory and installs `nodemesh-cni` into the node's CNI config
+    /// (`net.d`, `cni-bin` there; see `crate::cni`).
+    pub cni: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -287,6 +305,9 @@ impl Cluster {
                 child: None,
             };
             cluster.agents.push(agent);
+            if spec.agent.cni {
+                cluster.prepare_cni(k)?;
+            }
             cluster.write_workloads(k)?;
             cluster.write_agent_config(k)?;
         }
@@ -551,17 +572,24 @@ impl Cluster {
             } else {
                 ", istio.io/dataplane-mode: none"
             };
+            let ips: Vec<String> = [IpAddr::from(p.ip4), IpAddr::from(p.ip6)]
+                .iter()
+                .filter(|ip| !ip.is_unspecified())
+                .map(|ip| format!("\"{ip}\""))
+                .collect();
             y += &format!(
-                "  - name: {}\n    namespace: {}\n    serviceAccount: {}\n    labels: {{app: {}{opt_out}}}\n    ips: [\"{}\", \"{}\"]\n    node: node-{}\n",
+                "  - name: {}\n    namespace: {}\n    serviceAccount: {}\n    labels: {{app: {}{opt_out}}}\n    ips: [{}]\n    node: node-{}\n",
                 p.spec.name,
                 p.spec.namespace,
                 p.spec.service_account,
                 p.spec.app,
-                p.ip4,
-                p.ip6,
+                ips.join(", "),
                 p.spec.node
             );
-            if local {
+            if let Some(uid) = &p.spec.uid {
+                y += &format!("    uid: {uid}\n");
+            }
+            if local && !p.spec.cni {
                 y += &format!("    netns: /run/netns/{}\n", p.netns);
             }
         }
@@ -630,6 +658,11 @@ impl Cluster {
             self.spec.agent.inbound_exempt_sources.join(", "),
             self.spec.agent.extra,
         );
+        let y = if self.spec.agent.cni {
+            y + &self.cni_agent_config(k)
+        } else {
+            y
+        };
         fs::write(&a.config, y)?;
         Ok(())
     }

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod bench_client;
 pub mod capture;
 pub mod cluster;
+pub mod cni;
 pub mod demo;
 pub mod hbone_probe;
 pub mod http;

@@ -67,9 +67,9 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root()?;
     let path = setup()?;
-    // Debian packages only where they are needed: the tests' Prometheus.
+    // Debian packages only where they are needed: the root tests.
     if matches!(cli.command, Cmd::Setup | Cmd::Test { .. }) {
-        install_prometheus()?;
+        install_debian_packages()?;
     }
     match cli.command {
         Cmd::Setup => Ok(()),
@@ -239,26 +239,41 @@ fn setup() -> Result<OsString> {
     Ok(env::join_paths(paths)?)
 }
 
-const PROMETHEUS_BINARIES: [&str; 2] = ["/usr/bin/prometheus", "/usr/bin/promtool"];
+/// Debian packages the root tests use, with the files they need from each:
+/// the metrics test's Prometheus, the CNI test's reference plugins.
+const DEBIAN_PACKAGES: [(&str, &[&str]); 2] = [
+    ("prometheus", &["/usr/bin/prometheus", "/usr/bin/promtool"]),
+    (
+        "containernetworking-plugins",
+        &["/usr/lib/cni/bridge", "/usr/lib/cni/host-local"],
+    ),
+];
 
-/// Debian's prometheus package, when its binaries are missing. Only root
-/// can install it; others get a note (the metrics test then fails, saying
+/// The Debian packages whose files are missing. Only root can install
+/// them; others get a note (the test that needs one then fails, saying
 /// what is missing).
-fn install_prometheus() -> Result<()> {
-    let present = || PROMETHEUS_BINARIES.iter().all(|p| Path::new(p).is_file());
+fn install_debian_packages() -> Result<()> {
+    for (package, files) in DEBIAN_PACKAGES {
+        install_debian(package, files)?;
+    }
+    Ok(())
+}
+
+fn install_debian(package: &str, files: &[&str]) -> Result<()> {
+    let present = || files.iter().all(|p| Path::new(p).is_file());
     if present() {
         return Ok(());
     }
     if output(Command::new("id").arg("-u"))? != "0" {
         eprintln!(
-            "note: {} missing; as root, `cargo xtask setup` installs Debian's prometheus package",
-            PROMETHEUS_BINARIES.join(" or ")
+            "note: {} missing; as root, `cargo xtask setup` installs Debian's {package} package",
+            files.join(" or ")
         );
         return Ok(());
     }
     let install = || {
         let mut cmd = Command::new("apt-get");
-        cmd.args(["install", "-y", "--no-install-recommends", "prometheus"])
+        cmd.args(["install", "-y", "--no-install-recommends", package])
             .env("DEBIAN_FRONTEND", "noninteractive");
         eprintln!("+ {cmd:?}");
         cmd.status()
@@ -272,15 +287,15 @@ fn install_prometheus() -> Result<()> {
     }
     match (present(), status.success()) {
         (true, true) => Ok(()),
-        // The package's postinst starts a service, which fails where there
-        // is no init system; the binaries are all the tests use.
+        // A package's postinst may start a service, which fails where
+        // there is no init system; the files are all the tests use.
         (true, false) => {
-            eprintln!("note: apt-get install prometheus: {status}, but the binaries are installed");
+            eprintln!("note: apt-get install {package}: {status}, but its files are installed");
             Ok(())
         }
         (false, _) => bail!(
-            "apt-get install prometheus ({status}) left {} missing",
-            PROMETHEUS_BINARIES.join(" or ")
+            "apt-get install {package} ({status}) left {} missing",
+            files.join(" or ")
         ),
     }
 }
@@ -299,6 +314,8 @@ fn build(root: &Path, path: &OsString) -> Result<()> {
         "--bins",
         "-p",
         "nodemesh-agent",
+        "-p",
+        "nodemesh-cni",
         "-p",
         "nodemesh-lab",
     ]))

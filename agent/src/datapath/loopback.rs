@@ -22,7 +22,7 @@ use nodemesh_common::{
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-use super::{Datapath, PodNetwork, PodNetworks};
+use super::{Datapath, NetnsHandle, PodNetwork, PodNetworks};
 use crate::state::Pod;
 
 /// The netns cookie a loopback pod is given: derived from its address.
@@ -131,6 +131,11 @@ impl Datapath for LoopbackDatapath {
         c
     }
 
+    fn enrolment_intact(&self, netns_cookie: u64) -> bool {
+        lock(&self.enrolled).contains_key(&netns_cookie)
+            && lock(&self.captured).contains(&netns_cookie)
+    }
+
     fn add_capture_listener(&self, _ip: IpAddr, _listener: &TcpListener) -> io::Result<()> {
         Ok(())
     }
@@ -210,7 +215,7 @@ impl PodNetwork for LoopbackNetwork {
 pub struct LoopbackNetworks;
 
 impl PodNetworks for LoopbackNetworks {
-    fn open(&self, pod: &Pod) -> io::Result<Arc<dyn PodNetwork>> {
+    fn open(&self, pod: &Pod, _netns: Option<&NetnsHandle>) -> io::Result<Arc<dyn PodNetwork>> {
         let ip = pod
             .ips
             .iter()

@@ -36,6 +36,9 @@ pub trait Datapath: Send + Sync {
     fn unenrol(&self, netns_cookie: u64);
     /// Every enrolled netns, including those a previous agent left.
     fn enrolled_cookies(&self) -> Vec<u64>;
+    /// Whether the netns's enrolment entry and capture are both still in
+    /// the kernel (something outside the agent may remove either).
+    fn enrolment_intact(&self, netns_cookie: u64) -> bool;
     /// Makes `listener` the target of plaintext connections to `ip`.
     fn add_capture_listener(&self, ip: IpAddr, listener: &TcpListener) -> io::Result<()>;
     /// Starts capturing plaintext inbound connections in the pod's netns.
@@ -59,7 +62,26 @@ pub trait PodNetwork: Send + Sync + fmt::Debug {
     fn socket(&self, peer: SocketAddr, mark: u32, from_loopback: bool) -> io::Result<TcpSocket>;
 }
 
-/// Opens the network of a local pod.
+/// A pod's network namespace as the CNI plugin handed it over: open (so
+/// the agent needs no view of the host's netns directory), with the path
+/// the runtime named it by, for logs and for telling when it is gone.
+#[derive(Debug)]
+pub struct NetnsHandle {
+    pub file: std::fs::File,
+    pub path: std::path::PathBuf,
+}
+
+impl NetnsHandle {
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            file: self.file.try_clone()?,
+            path: self.path.clone(),
+        })
+    }
+}
+
+/// Opens the network of a local pod: the namespace the CNI plugin handed
+/// over when there is one, else the pod's netns path.
 pub trait PodNetworks: Send + Sync {
-    fn open(&self, pod: &Pod) -> io::Result<Arc<dyn PodNetwork>>;
+    fn open(&self, pod: &Pod, netns: Option<&NetnsHandle>) -> io::Result<Arc<dyn PodNetwork>>;
 }

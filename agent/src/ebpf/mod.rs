@@ -475,6 +475,11 @@ impl Datapath for Kernel {
         cookies
     }
 
+    fn enrolment_intact(&self, netns_cookie: u64) -> bool {
+        lock(&self.enrolled).get(&netns_cookie, 0).is_ok()
+            && self.capture_pin(netns_cookie).exists()
+    }
+
     /// `listener` is a listening socket inside the pod.
     fn add_capture_listener(
         &self,

@@ -226,6 +226,7 @@ mod tests {
                     ips: vec![[10, 0, 0, i].into()],
                     node: "n".into(),
                     netns: None,
+                    uid: None,
                 }),
                 addr: SocketAddr::from(([10, 0, 0, i], 80)),
             })

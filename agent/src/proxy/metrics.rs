@@ -403,6 +403,7 @@ mod tests {
             ips: vec![[10, 0, 0, 1].into()],
             node: "n".into(),
             netns: None,
+            uid: None,
         }
     }
 

@@ -47,6 +47,11 @@ pub const MAX_CONNECTIONS: usize = super::limits::RESERVED_FDS / 2;
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 struct Key {
     src: Identity,
+    /// The source pod's netns: connections are made from inside it (its
+    /// address is their source), so two pods of one identity, or a pod
+    /// recreated under its name, never share one (ztunnel keys by source
+    /// address too).
+    netns: u64,
     dst: SocketAddr,
 }
 
@@ -242,6 +247,7 @@ impl Pool {
     ) -> Result<(SendRequest<Bytes>, StreamGuard), ProxyError> {
         let key = Key {
             src: src.identity.clone(),
+            netns: src.netns_cookie,
             dst,
         };
         // A pooled connection that turns out dead is dropped and another

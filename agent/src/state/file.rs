@@ -67,7 +67,7 @@ pub struct WorkloadsFile {
     pub services: Vec<Arc<Service>>,
     /// Pods listed with `istio.io/dataplane-mode: none`: running, outside
     /// the mesh (not in `pods`).
-    pub opted_out: Vec<PodKey>,
+    pub opted_out: Vec<Arc<Pod>>,
     pub warnings: Vec<String>,
 }
 
@@ -98,18 +98,7 @@ impl WorkloadsFile {
                 continue;
             }
             if pod.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some("none") {
-                opted_out.push(pod.key());
-                continue;
-            }
-            if pod.node == doc.node && pod.netns.is_none() {
-                warn(
-                    format!("pods[{i}].netns"),
-                    format!(
-                        "pod {} runs on this node ({}) so its network namespace path is required",
-                        pod.key(),
-                        doc.node
-                    ),
-                );
+                opted_out.push(Arc::new(pod));
                 continue;
             }
             if let Some(first) = seen.insert(pod.key(), i) {
@@ -192,6 +181,8 @@ pub struct FileState {
     services: HashMap<ServiceKey, Arc<Service>>,
     /// Local pods the file no longer lists, kept while their netns exists.
     kept: BTreeSet<PodKey>,
+    /// Pods listed as out of the mesh.
+    out_of_mesh: HashMap<PodKey, Arc<Pod>>,
     /// Where the local pods applied are saved for the next agent (none in
     /// tests and fuzzing).
     saved_to: Option<PathBuf>,
@@ -208,9 +199,30 @@ impl FileState {
         for key in self.services.keys().filter(|k| !services.contains_key(*k)) {
             updates.push(WorkloadUpdate::RemoveService(key.clone()));
         }
+        let out_of_mesh: HashMap<PodKey, Arc<Pod>> = file
+            .opted_out
+            .iter()
+            .map(|p| (p.key(), p.clone()))
+            .collect();
         for key in self.pods.keys().filter(|k| !pods.contains_key(*k)) {
+            updates.push(match out_of_mesh.get(key) {
+                Some(p) => WorkloadUpdate::OutOfMesh(p.clone()),
+                None => WorkloadUpdate::RemovePod(key.clone()),
+            });
+        }
+        for key in self
+            .out_of_mesh
+            .keys()
+            .filter(|k| !out_of_mesh.contains_key(*k) && !pods.contains_key(*k))
+        {
             updates.push(WorkloadUpdate::RemovePod(key.clone()));
         }
+        for (key, p) in &out_of_mesh {
+            if !self.pods.contains_key(key) && self.out_of_mesh.get(key) != Some(p) {
+                updates.push(WorkloadUpdate::OutOfMesh(p.clone()));
+            }
+        }
+        self.out_of_mesh = out_of_mesh;
         for (key, pod) in &pods {
             if self.pods.get(key) != Some(pod) {
                 updates.push(WorkloadUpdate::Pod(pod.clone()));
@@ -267,7 +279,7 @@ impl FileState {
             .pods
             .iter()
             .map(|p| p.key())
-            .chain(file.opted_out.iter().cloned())
+            .chain(file.opted_out.iter().map(|p| p.key()))
             .collect();
         let mut kept = BTreeSet::new();
         let mut keep = Vec::new();
@@ -850,13 +862,16 @@ services:
 
     #[test]
     fn bad_objects_are_left_out_with_a_warning_the_rest_stays() {
-        let f = parse("node: a\npods:\n  - {name: x, namespace: y, ips: [1.2.3.4], node: a}\n  - {name: ok, namespace: y, ips: [1.2.3.5], node: b}\n  - {name: ok, namespace: y, ips: [1.2.3.6], node: b}\n  - {name: noip, namespace: y, node: b}\nservices:\n  - {name: s, namespace: y, vips: [10.0.0.1], ports: [{port: 0}]}\n")
+        let f = parse("node: a\npods:\n  - {name: '', namespace: y, ips: [1.2.3.4], node: a}\n  - {name: ok, namespace: y, ips: [1.2.3.5], node: b}\n  - {name: ok, namespace: y, ips: [1.2.3.6], node: b}\n  - {name: noip, namespace: y, node: b}\nservices:\n  - {name: s, namespace: y, vips: [10.0.0.1], ports: [{port: 0}]}\n")
             .unwrap();
         let names: Vec<&str> = f.pods.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["ok", "noip"]);
         assert!(f.services.is_empty());
         let w = f.warnings.join("\n");
-        assert!(w.contains("workloads.yaml: pods[0].netns"), "{w}");
+        assert!(
+            w.contains("workloads.yaml: pods[0]: name and namespace"),
+            "{w}"
+        );
         assert!(w.contains("pods[2]: pod y/ok is listed twice"), "{w}");
         assert!(w.contains("services[0].ports[0]: port 0"), "{w}");
     }

@@ -17,6 +17,10 @@ use serde::{Deserialize, Serialize};
 pub struct Pod {
     pub name: String,
     pub namespace: String,
+    /// The pod's UID where the source knows it: a pod recreated under the
+    /// same name is another pod (a CNI request names the one it is for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
     #[serde(default = "default_service_account")]
     pub service_account: String,
     #[serde(default)]
@@ -25,7 +29,9 @@ pub struct Pod {
     #[serde(default)]
     pub ips: Vec<IpAddr>,
     pub node: String,
-    /// Path of the pod's network namespace; required for local pods.
+    /// Path of the pod's network namespace, for local pods that are not
+    /// enrolled by the CNI plugin (which hands the agent the netns itself;
+    /// the Kubernetes API never knows it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<PathBuf>,
 }

@@ -31,6 +31,10 @@ pub enum WorkloadUpdate {
     /// Adds the service or replaces the service with the same key.
     Service(Arc<Service>),
     RemoveService(ServiceKey),
+    /// A pod known to run outside the mesh (opted out): never enrolled, and
+    /// a CNI request for it (for its UID, where both know one) is answered
+    /// at once. `Pod` or `RemovePod` for the same key ends it.
+    OutOfMesh(Arc<Pod>),
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -78,6 +82,8 @@ struct Index {
     by_vip: HashMap<(IpAddr, u16), Vec<ServiceKey>>,
     /// Services that list a pod among their endpoints.
     backing: HashMap<PodKey, BTreeSet<ServiceKey>>,
+    /// Pods known to run outside the mesh (not in `pods`), with their UID.
+    out_of_mesh: HashMap<PodKey, Option<String>>,
 }
 
 pub struct WorkloadStore {
@@ -136,6 +142,11 @@ impl WorkloadStore {
                 WorkloadUpdate::RemovePod(k) => index.remove_pod(&k),
                 WorkloadUpdate::Service(s) => index.upsert_service(s, &self.metrics),
                 WorkloadUpdate::RemoveService(k) => index.remove_service(&k),
+                WorkloadUpdate::OutOfMesh(p) => {
+                    let removed = index.remove_pod(&p.key());
+                    index.out_of_mesh.insert(p.key(), p.uid.clone()) != Some(p.uid.clone())
+                        || removed
+                }
             };
         }
         self.metrics.pods.set(index.pods.len() as i64);
@@ -148,6 +159,20 @@ impl WorkloadStore {
 
     pub fn pod(&self, key: &PodKey) -> Option<Arc<Pod>> {
         self.read().pods.get(key).cloned()
+    }
+
+    /// Whether the source said this pod runs outside the mesh: the pod of
+    /// this name, and of UID `uid` where both the source and the caller
+    /// know it (a pod recreated meshed under an opted-out name is another
+    /// pod).
+    pub fn is_out_of_mesh(&self, key: &PodKey, uid: Option<&str>) -> bool {
+        match self.read().out_of_mesh.get(key) {
+            None => false,
+            Some(known) => match (known.as_deref(), uid) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            },
+        }
     }
 
     pub fn pod_by_ip(&self, ip: IpAddr) -> Option<Arc<Pod>> {
@@ -241,6 +266,7 @@ impl Index {
 
     fn upsert_pod(&mut self, pod: Arc<Pod>, metrics: &StateMetrics) -> bool {
         let key = pod.key();
+        self.out_of_mesh.remove(&key);
         if let Some(old) = self.pods.get(&key) {
             if **old == *pod {
                 return false;
@@ -282,8 +308,9 @@ impl Index {
     }
 
     fn remove_pod(&mut self, key: &PodKey) -> bool {
+        let was_out = self.out_of_mesh.remove(key).is_some();
         let Some(old) = self.pods.remove(key) else {
-            return false;
+            return was_out;
         };
         for ip in &old.ips {
             self.unclaim_ip(*ip, key);
@@ -371,6 +398,7 @@ mod tests {
             ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
             node: node.into(),
             netns: None,
+            uid: None,
         })
     }
 
