@@ -179,11 +179,14 @@ impl Enrolment {
         let mut desired: HashMap<PodKey, Desired> = HashMap::new();
         self.waiting_for_netns.retain(|k| listed.contains(k));
         let mut unknown_running = 0;
+        // Local pods that cannot be enrolled at all (failures kept below).
+        let mut no_netns = HashSet::new();
         for pod in local {
             let key = pod.key();
             let cni = self.cni.pods.get(&key);
             if cni.is_none() && pod.netns.is_none() {
                 if !self.cni_enabled {
+                    no_netns.insert(key.clone());
                     self.fail(
                         &key,
                         "no netns path, and enrolment by CNI is off (no `cni` section in the agent config)".into(),
@@ -260,7 +263,8 @@ impl Enrolment {
                 info!(pod = %key, "unenrolled");
             }
         }
-        self.failed.retain(|k, _| desired.contains_key(k));
+        self.failed
+            .retain(|k, _| desired.contains_key(k) || no_netns.contains(k));
         self.waiting_for_ip.retain(|k| {
             self.inputs
                 .workloads
