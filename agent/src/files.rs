@@ -91,6 +91,15 @@ fn read_bounded(file: File, path: &Path, limit: u64) -> Result<Vec<u8>, FileErro
     Ok(bytes)
 }
 
+/// Writes `bytes` to `path` through a temp file renamed over it (creating
+/// the directory), so a reader never sees half of it.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
 /// [`read`] as UTF-8 text.
 pub fn read_text(path: &Path, limit: u64) -> Result<String, FileError> {
     String::from_utf8(read(path, limit)?).map_err(|e| FileError::NotUtf8 {

@@ -74,17 +74,8 @@ pub fn start(
 /// Takes the plugin out of the primary config and removes its binary
 /// (`nodemesh-agent uninstall`).
 pub fn uninstall(install: &CniInstall) -> std::io::Result<()> {
-    if let Some(primary) = conflist::primary_config(&install.conf_dir)? {
-        let text = std::fs::read_to_string(&primary)?;
-        if let Some(edited) = conflist::remove(&text, conflist::PLUGIN_TYPE) {
-            let tmp = primary.with_extension("nodemesh-tmp");
-            std::fs::write(&tmp, edited)?;
-            std::fs::rename(&tmp, &primary)?;
-            info!(config = %primary.display(), "CNI plugin taken out of the network config");
-        }
+    if let Some(config) = conflist::uninstall(&install.conf_dir, &install.bin_dir)? {
+        info!(config = %config.display(), "CNI plugin taken out of the network config");
     }
-    match std::fs::remove_file(install.bin_dir.join(conflist::PLUGIN_TYPE)) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
+    Ok(())
 }

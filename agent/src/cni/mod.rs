@@ -214,15 +214,9 @@ impl CniRecords {
         let Some(path) = &self.saved_to else { return };
         let mut records: Vec<&CniRecord> = self.pods.values().map(|p| &p.record).collect();
         records.sort_by_key(|r| r.key());
-        let tmp = path.with_extension("tmp");
-        let written = std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))
-            .and_then(|()| {
-                std::fs::write(
-                    &tmp,
-                    serde_json::to_vec(&records).map_err(std::io::Error::other)?,
-                )
-            })
-            .and_then(|()| std::fs::rename(&tmp, path));
+        let written = serde_json::to_vec(&records)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| files::write_atomically(path, &bytes));
         if let Err(e) = written {
             warn!(file = %path.display(), "saving the CNI records for the next agent: {e}");
         }

@@ -382,11 +382,7 @@ impl FileState {
             .collect();
         pods.sort_by_key(|p| p.key());
         let doc = serde_json::json!({ "node": node, "pods": pods });
-        let tmp = path.with_extension("tmp");
-        let written = std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))
-            .and_then(|()| std::fs::write(&tmp, doc.to_string()))
-            .and_then(|()| std::fs::rename(&tmp, path));
-        if let Err(e) = written {
+        if let Err(e) = files::write_atomically(path, doc.to_string().as_bytes()) {
             warn!(file = %path.display(), "saving the local pods for the next agent: {e}");
         }
     }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::{PLUGIN_TYPE, insert, primary_config};
+use super::{PLUGIN_TYPE, insert, primary_config, remove};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Installed {
@@ -76,6 +76,25 @@ pub fn ensure_installed(
         config: Some(target.clone()),
         primary: Some(target),
     })
+}
+
+/// Takes the plugin's entry out of the primary config (atomically, its
+/// permissions kept) and removes the binary; the config edited, if any.
+pub fn uninstall(conf_dir: &Path, bin_dir: &Path) -> io::Result<Option<PathBuf>> {
+    let mut edited = None;
+    if let Some(primary) = primary_config(conf_dir)? {
+        let text = fs::read_to_string(&primary).map_err(|e| with_path(e, "read", &primary))?;
+        if let Some(without) = remove(&text, PLUGIN_TYPE) {
+            let permissions = fs::metadata(&primary)?.permissions();
+            write_atomically(&primary, without.as_bytes(), permissions)?;
+            edited = Some(primary);
+        }
+    }
+    let binary = bin_dir.join(PLUGIN_TYPE);
+    match fs::remove_file(&binary) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(with_path(e, "remove", &binary)),
+        _ => Ok(edited),
+    }
 }
 
 /// Returns whether the binary was (re)placed.

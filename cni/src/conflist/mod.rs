@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-pub use install::{Installed, ensure_installed};
+pub use install::{Installed, ensure_installed, uninstall};
 use ordered::Json;
 
 /// The plugin's type (and binary name) in a conflist.
