@@ -277,6 +277,20 @@ pub fn config_dump(config: Config, inputs: Arc<ProxyInputs>) -> ConfigDump {
             })
             .collect();
         local.sort_by(|a, b| a["pod"].as_str().cmp(&b["pod"].as_str()));
+        // Every pod the agent knows, as ztunnel's dump lists its workloads:
+        // which addresses it would send over HBONE.
+        let mut all: Vec<serde_json::Value> = workloads
+            .pods()
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "pod": p.key().to_string(),
+                    "node": p.node,
+                    "ips": p.ips,
+                })
+            })
+            .collect();
+        all.sort_by(|a, b| a["pod"].as_str().cmp(&b["pod"].as_str()));
         let mut certificates: Vec<serde_json::Value> = inputs
             .tls
             .certs()
@@ -299,6 +313,7 @@ pub fn config_dump(config: Config, inputs: Arc<ProxyInputs>) -> ConfigDump {
                 "pods": workloads.pods().len(),
                 "services": workloads.services().len(),
             },
+            "workloads": all,
             "enrolledNetns": inputs.datapath.enrolled_cookies().len(),
             "connectionLimits": inputs.limits.effective(),
             "policies": {

@@ -69,8 +69,86 @@ pub struct Bound {
     cni_requests: Option<mpsc::Receiver<CniRequest>>,
     cni_server: Option<tokio::task::JoinHandle<()>>,
     // Dropping these stops their watches.
-    _workload_source: FileWorkloadSource,
+    _workload_source: WorkloadSource,
+    #[cfg(feature = "kubernetes")]
+    _policy_source: Option<crate::policy::kube::KubePolicySource>,
     _watches: Vec<fswatch::Watch>,
+}
+
+/// Where the store's pods and services come from.
+#[expect(dead_code, reason = "held, never read: dropping it stops its watches")]
+enum WorkloadSource {
+    File(FileWorkloadSource),
+    #[cfg(feature = "kubernetes")]
+    Kube(crate::state::KubeWorkloadSource),
+}
+
+/// A client of the API server: the kubeconfig's when one is set, else the
+/// pod's service account.
+#[cfg(feature = "kubernetes")]
+async fn kube_client(settings: &crate::config::KubernetesSettings) -> anyhow::Result<kube::Client> {
+    let config = match &settings.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("kubernetes.kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .with_context(|| format!("kubernetes.kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::incluster().context(
+            "the in-cluster Kubernetes config (KUBERNETES_SERVICE_HOST and the service account token): run in a pod, or set kubernetes.kubeconfig",
+        )?,
+    };
+    kube::Client::try_from(config).context("creating the Kubernetes client")
+}
+
+/// The policy objects the settings ask for; none with `policies: off`.
+#[cfg(feature = "kubernetes")]
+fn kube_policy_source(
+    client: &kube::Client,
+    settings: &crate::config::KubernetesSettings,
+    policies: &Arc<PolicyStore>,
+    node: &str,
+    state_dir: &std::path::Path,
+) -> Option<crate::policy::kube::KubePolicySource> {
+    use crate::{
+        config::PolicySource,
+        policy::kube::{ISTIO_GROUP, KubePolicySource, NODEMESH_GROUP},
+    };
+    let (groups, required) = match settings.policies {
+        PolicySource::Off => return None,
+        PolicySource::Auto => (vec![ISTIO_GROUP, NODEMESH_GROUP], false),
+        PolicySource::Istio => (vec![ISTIO_GROUP], true),
+        PolicySource::Nodemesh => (vec![NODEMESH_GROUP], true),
+    };
+    Some(KubePolicySource::start(
+        client.clone(),
+        policies.clone(),
+        groups,
+        required,
+        node,
+        state_dir.join("policies.json"),
+    ))
+}
+
+/// Waits for `flag` to turn true, saying every 10 s what it waits for.
+#[cfg(feature = "kubernetes")]
+async fn wait_until(
+    mut flag: tokio::sync::watch::Receiver<bool>,
+    what: &str,
+) -> anyhow::Result<()> {
+    let started = tokio::time::Instant::now();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), flag.wait_for(|v| *v)).await {
+            Ok(Ok(_)) => return Ok(()),
+            // The source's task ended (a panic): never go on without it.
+            Ok(Err(_)) => anyhow::bail!("the source of {what} stopped"),
+            Err(_) => warn!(
+                waited_s = started.elapsed().as_secs(),
+                "still waiting for {what}"
+            ),
+        }
+    }
 }
 
 /// Runs the agent until SIGTERM or Ctrl-C.
@@ -96,11 +174,32 @@ pub async fn build(config: Config, components: Components) -> anyhow::Result<Bou
     let attached = readiness.pending("programs attached");
     let policy_loaded = readiness.pending("policy set loaded");
     let certificates = readiness.pending("local workload certificates issued");
+    let workloads_synced = config
+        .kubernetes
+        .is_some()
+        .then(|| readiness.pending("workloads synced from the Kubernetes API"));
     let admin = admin::start(&config, registry.clone(), readiness).await?;
 
     // Everything that can be wrong in files is checked before the kernel is
     // touched.
-    let workloads_file = WorkloadsFile::read(&config.workloads_file)?;
+    let workloads_file = match &config.workloads_file {
+        Some(path) => Some(WorkloadsFile::read(path)?),
+        None => None,
+    };
+    let node = match (&workloads_file, &config.kubernetes) {
+        (Some(file), _) => file.node.clone(),
+        (None, Some(kube)) => kube.node_name.clone(),
+        (None, None) => anyhow::bail!("no source of workloads (Config::load requires one)"),
+    };
+    #[cfg(feature = "kubernetes")]
+    let kube_client = match &config.kubernetes {
+        Some(settings) => Some(kube_client(settings).await?),
+        None => None,
+    };
+    #[cfg(not(feature = "kubernetes"))]
+    if config.kubernetes.is_some() {
+        anyhow::bail!("this agent was built without the `kubernetes` feature");
+    }
     let (ca, issuer_root): (Arc<dyn CertificateAuthority>, _) = match components.ca {
         Some(ca) => (ca, None),
         None => {
@@ -134,14 +233,33 @@ pub async fn build(config: Config, components: Components) -> anyhow::Result<Bou
     {
         anyhow::bail!("the policy set in {} is invalid (see above)", dir.display());
     }
+    #[cfg(feature = "kubernetes")]
+    let policy_source = match (&kube_client, &config.kubernetes) {
+        (Some(client), Some(settings)) => {
+            kube_policy_source(client, settings, &policies, &node, &config.state_dir)
+        }
+        _ => None,
+    };
+    #[cfg(feature = "kubernetes")]
+    if let Some(source) = &policy_source {
+        // As with an invalid directory at start-up, nothing is enrolled
+        // before a valid set is in force: pods never run unprotected.
+        wait_until(
+            source.loaded(),
+            "a valid policy set from the Kubernetes API",
+        )
+        .await?;
+    }
     policy_loaded.done();
 
     let datapath: Arc<dyn Datapath> = match components.datapath {
         Some(d) => d,
         None => {
+            // A bpffs mounted if there is none; `cgroupPath: auto` detected.
+            let node = crate::nodefs::prepare(&config)?;
             let kernel = Arc::new(Kernel::install(&Settings {
                 bpffs_dir: &config.bpffs_dir,
-                cgroup_path: &config.cgroup_path,
+                cgroup_path: &node.cgroup,
                 socket_mark: config.socket_mark,
                 sockmap: config.sockmap,
                 ebpf_log: config.ebpf_log,
@@ -159,18 +277,39 @@ pub async fn build(config: Config, components: Components) -> anyhow::Result<Bou
             .with_context(|| format!("opening the access log {}", path.display()))?,
         None => AccessLog::disabled(),
     };
-    let workloads = Arc::new(WorkloadStore::new(
-        &workloads_file.node,
-        registry.own(StateMetrics::new),
-    ));
+    let workloads = Arc::new(WorkloadStore::new(&node, registry.own(StateMetrics::new)));
     let reloads = registry.own(ReloadMetrics::new);
-    let workload_source = FileWorkloadSource::start(
-        &workloads_file,
-        workloads.clone(),
-        registry.own(|r| FileSourceMetrics::new(r, reloads.clone())),
-        &config.state_dir,
-    )
-    .map_err(anyhow::Error::msg)?;
+    let workload_source = match &workloads_file {
+        Some(file) => WorkloadSource::File(
+            FileWorkloadSource::start(
+                file,
+                workloads.clone(),
+                registry.own(|r| FileSourceMetrics::new(r, reloads.clone())),
+                &config.state_dir,
+            )
+            .map_err(anyhow::Error::msg)?,
+        ),
+        #[cfg(feature = "kubernetes")]
+        None => match kube_client {
+            Some(client) => {
+                let source = crate::state::KubeWorkloadSource::start(client, workloads.clone());
+                // Enrolment and the CNI server wait for the whole state, so a
+                // local pod is never judged against a partial list.
+                wait_until(
+                    source.synced(),
+                    "the Kubernetes API's pods, services and namespaces",
+                )
+                .await?;
+                if let Some(synced) = workloads_synced {
+                    synced.done();
+                }
+                WorkloadSource::Kube(source)
+            }
+            None => anyhow::bail!("no source of workloads"),
+        },
+        #[cfg(not(feature = "kubernetes"))]
+        None => anyhow::bail!("no source of workloads"),
+    };
     let proxy_config = ProxyConfig::from_config(&config);
     let pool = Pool::new(tls.clone(), proxy_config.sockets.clone(), &config.hbone);
     registry.own(|r| pool.register_metrics(r));
@@ -257,6 +396,8 @@ pub async fn build(config: Config, components: Components) -> anyhow::Result<Bou
         cni_requests,
         cni_server,
         _workload_source: workload_source,
+        #[cfg(feature = "kubernetes")]
+        _policy_source: policy_source,
         _watches: watches,
     })
 }

@@ -8,15 +8,64 @@ use serde::{Deserialize, Serialize};
 
 use crate::yaml::{self, YamlError};
 
+/// Where a policy set comes from in Kubernetes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicySource {
+    /// Every group of the two that the API server serves (Istio's
+    /// `security.istio.io` and `security.nodemesh.dev`), as one set.
+    #[default]
+    Auto,
+    /// `security.istio.io` only.
+    Istio,
+    /// `security.nodemesh.dev` only.
+    Nodemesh,
+    /// No policy objects are watched (policyDir may still be set).
+    Off,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct KubernetesSettings {
+    /// This node's name (the pods it enrols have `spec.nodeName` equal to
+    /// it). Empty: the `NODE_NAME` environment variable (the DaemonSet
+    /// sets it from the downward API).
+    #[serde(default)]
+    pub node_name: String,
+    /// A kubeconfig file. Unset: the pod's service account (in-cluster).
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    /// AuthorizationPolicy / PeerAuthentication objects to watch.
+    #[serde(default)]
+    pub policies: PolicySource,
+}
+
 /// Serialize: shown by `/config_dump` (it holds file paths, never keys).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Config {
-    /// The workloads file (pods and services); watched for changes.
-    pub workloads_file: PathBuf,
+    /// The workloads file (pods and services); watched for changes. The
+    /// source outside Kubernetes (and for the lab); exactly one of this
+    /// and `kubernetes` is set.
+    #[serde(default)]
+    pub workloads_file: Option<PathBuf>,
+    /// Pods, services and policies from the Kubernetes API.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesSettings>,
     /// cgroup v2 directory whose subtree holds the node's pods. Programs
-    /// attach here (in Kubernetes: the kubepods cgroup).
-    pub cgroup_path: PathBuf,
+    /// attach here (in Kubernetes: the kubepods cgroup). `auto`: detected
+    /// under `cgroupRoot` at start (`nodefs`).
+    pub cgroup_path: CgroupPath,
+    /// Where `cgroupPath: auto` looks: the host's cgroup hierarchy (in a
+    /// DaemonSet, its /sys/fs/cgroup mounted e.g. at /host/sys/fs/cgroup);
+    /// `<cgroupRoot>/unified` when it is not cgroup2 itself (hybrid hosts).
+    /// Unset: the first cgroup2 mount the agent sees.
+    #[serde(default)]
+    pub cgroup_root: Option<PathBuf>,
+    /// Where the agent mounts cgroup2 when none is mounted (a cgroup v1-only
+    /// host), for `cgroupPath: auto`; left mounted.
+    #[serde(default = "default_cgroup_mount_dir")]
+    pub cgroup_mount_dir: PathBuf,
     /// Directory on a bpffs where maps and links are pinned. One per agent.
     #[serde(default = "default_bpffs_dir")]
     pub bpffs_dir: PathBuf,
@@ -109,6 +158,34 @@ pub struct Config {
     /// enrolled from the netns paths of the workload source only.
     #[serde(default)]
     pub cni: Option<CniSettings>,
+}
+
+/// `cgroupPath`: a directory, or `auto`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(from = "PathBuf", into = "PathBuf")]
+pub enum CgroupPath {
+    /// Detected at start under `cgroupRoot` (`nodefs::pods_cgroup`).
+    Auto,
+    Dir(PathBuf),
+}
+
+impl From<PathBuf> for CgroupPath {
+    fn from(p: PathBuf) -> Self {
+        if p.as_os_str() == "auto" {
+            CgroupPath::Auto
+        } else {
+            CgroupPath::Dir(p)
+        }
+    }
+}
+
+impl From<CgroupPath> for PathBuf {
+    fn from(c: CgroupPath) -> Self {
+        match c {
+            CgroupPath::Auto => PathBuf::from("auto"),
+            CgroupPath::Dir(p) => p,
+        }
+    }
 }
 
 /// The CNI plugin's side of the agent (README: "Enrolment by CNI").
@@ -288,6 +365,9 @@ fn default_cni_exclude() -> Vec<String> {
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/run/nodemesh")
 }
+fn default_cgroup_mount_dir() -> PathBuf {
+    PathBuf::from("/var/run/nodemesh/cgroupv2")
+}
 fn default_bpffs_dir() -> PathBuf {
     PathBuf::from("/sys/fs/bpf/nodemesh")
 }
@@ -318,7 +398,58 @@ impl Config {
         let mut cfg: Config = yaml::read_file(path)?;
         // Relative paths are relative to the config file, not the cwd.
         let base = path.parent().unwrap_or(Path::new("."));
-        cfg.workloads_file = base.join(&cfg.workloads_file);
+        let invalid = |field: &str, message: String| YamlError::Invalid {
+            path: path.to_owned(),
+            field: field.into(),
+            message,
+        };
+        match (&cfg.workloads_file, &mut cfg.kubernetes) {
+            (Some(file), None) => cfg.workloads_file = Some(base.join(file)),
+            (None, Some(kube)) => {
+                if kube.node_name.is_empty() {
+                    kube.node_name = std::env::var("NODE_NAME").unwrap_or_default();
+                }
+                if kube.node_name.is_empty() {
+                    return Err(invalid(
+                        "kubernetes.nodeName",
+                        "empty, and NODE_NAME is not set: set it, or NODE_NAME from the downward API (fieldRef spec.nodeName)".into(),
+                    ));
+                }
+                // Empty is unset (in-cluster), as an empty string in a
+                // ConfigMap is.
+                kube.kubeconfig = kube
+                    .kubeconfig
+                    .take()
+                    .filter(|k| !k.as_os_str().is_empty())
+                    .map(|k| base.join(k));
+                if cfg.policy_dir.is_some() && kube.policies != PolicySource::Off {
+                    return Err(invalid(
+                        "policyDir",
+                        "set with kubernetes.policies watching the API: one set has one source; set kubernetes.policies: off to use policyDir".into(),
+                    ));
+                }
+                if cfg.cni.is_none() {
+                    return Err(invalid(
+                        "cni",
+                        "required with kubernetes: pods from the API carry no netns path; the CNI plugin hands the agent each pod's netns".into(),
+                    ));
+                }
+            }
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "kubernetes",
+                    "workloadsFile and kubernetes are both set; choose one source of workloads"
+                        .into(),
+                ));
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "workloadsFile",
+                    "missing: set workloadsFile, or kubernetes to read workloads from the API"
+                        .into(),
+                ));
+            }
+        }
         cfg.state_dir = base.join(&cfg.state_dir);
         if let Some(cni) = &mut cfg.cni {
             cni.socket_path = base.join(&cni.socket_path);
@@ -361,11 +492,6 @@ impl Config {
                 });
             }
         }
-        let invalid = |field: &str, message: String| YamlError::Invalid {
-            path: path.to_owned(),
-            field: field.into(),
-            message,
-        };
         if !cfg.admin_address.ip().is_loopback() {
             return Err(invalid(
                 "adminAddress",
@@ -410,6 +536,18 @@ impl Config {
                 path: path.to_owned(),
                 field: "socketMark".into(),
                 message: "must not be 0: the kernel programs tell the agent's sockets by it".into(),
+            });
+        }
+        if let CgroupPath::Dir(dir) = &cfg.cgroup_path
+            && !dir.is_absolute()
+        {
+            return Err(YamlError::Invalid {
+                path: path.to_owned(),
+                field: "cgroupPath".into(),
+                message: format!(
+                    "{} is neither an absolute path nor `auto` (detection under cgroupRoot, for Kubernetes)",
+                    dir.display()
+                ),
             });
         }
         Ok(cfg)
@@ -477,10 +615,67 @@ mod tests {
         result
     }
 
+    /// The DaemonSet's ConfigMap: a key this agent rejects would stop every
+    /// agent of a cluster.
+    #[test]
+    fn the_kubernetes_manifests_config_loads() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/base/agent.yaml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        // NODE_NAME comes from the downward API there.
+        let text = text.replace("nodeName: \"\"", "nodeName: node-1");
+        assert_ne!(
+            text,
+            std::fs::read_to_string(&path).unwrap(),
+            "nodeName line changed"
+        );
+        let cfg = load(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let kube = cfg.kubernetes.expect("Kubernetes mode");
+        assert_eq!(kube.node_name, "node-1");
+        assert_eq!(kube.kubeconfig, None);
+        assert!(cfg.cni.is_some() && cfg.workloads_file.is_none());
+    }
+
+    #[test]
+    fn exactly_one_source_of_workloads() {
+        const REST: &str = "cgroupPath: /sys/fs/cgroup\ncaCertFile: ca.pem\ncaKeyFile: ca.key\n";
+        let err = load(REST).unwrap_err().to_string();
+        assert!(
+            err.contains("workloadsFile") && err.contains("kubernetes"),
+            "{err}"
+        );
+        let both = format!("{BASE}kubernetes: {{nodeName: n1}}\ncni: {{}}\n");
+        let err = load(&both).unwrap_err().to_string();
+        assert!(err.contains("both set"), "{err}");
+        let no_cni = format!("{REST}kubernetes: {{nodeName: n1}}\n");
+        let err = load(&no_cni).unwrap_err().to_string();
+        assert!(err.contains("cni") && err.contains("netns"), "{err}");
+        let cfg = load(&format!(
+            "{REST}kubernetes: {{nodeName: n1, kubeconfig: kc, policies: istio}}\ncni: {{}}\n"
+        ))
+        .unwrap();
+        let unset = load(&format!(
+            "{REST}kubernetes: {{nodeName: n1, kubeconfig: \"\"}}\ncni: {{}}\n"
+        ))
+        .unwrap();
+        assert_eq!(unset.kubernetes.unwrap().kubeconfig, None);
+        let kube = cfg.kubernetes.unwrap();
+        assert_eq!(kube.node_name, "n1");
+        assert!(kube.kubeconfig.unwrap().is_absolute());
+        assert_eq!(kube.policies, PolicySource::Istio);
+        let err = load(&format!(
+            "{REST}kubernetes: {{nodeName: n1, policies: all}}\ncni: {{}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("policies"), "{err}");
+    }
+
     #[test]
     fn defaults_and_relative_paths() {
         let cfg = load(&format!("{BASE}accessLog: a.log\n")).unwrap();
-        assert!(cfg.workloads_file.ends_with("w.yaml") && cfg.workloads_file.is_absolute());
+        let file = cfg.workloads_file.as_ref().unwrap();
+        assert!(file.ends_with("w.yaml") && file.is_absolute());
         assert!(cfg.access_log.as_ref().unwrap().is_absolute());
         assert_eq!(cfg.bpffs_dir, PathBuf::from("/sys/fs/bpf/nodemesh"));
         assert_eq!(cfg.drain_timeout(), Duration::from_secs(5));
@@ -498,6 +693,41 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.admin_address.to_string(), "127.0.0.2:9999");
         assert_eq!(cfg.access_log_format, AccessLogFormat::Text);
+    }
+
+    #[test]
+    fn cgroup_path_auto_and_its_keys() {
+        const REST: &str = "workloadsFile: w.yaml\ncaCertFile: ca.pem\ncaKeyFile: ca.key\n";
+        let cfg = load(&format!(
+            "{REST}cgroupPath: /sys/fs/cgroup/kubepods.slice\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            cfg.cgroup_path,
+            CgroupPath::Dir("/sys/fs/cgroup/kubepods.slice".into())
+        );
+        assert_eq!(cfg.cgroup_root, None);
+        assert_eq!(
+            cfg.cgroup_mount_dir,
+            PathBuf::from("/var/run/nodemesh/cgroupv2")
+        );
+        let cfg = load(&format!(
+            "{REST}cgroupPath: auto\ncgroupRoot: /host/sys/fs/cgroup\ncgroupMountDir: /run/x\n"
+        ))
+        .unwrap();
+        assert_eq!(cfg.cgroup_path, CgroupPath::Auto);
+        assert_eq!(cfg.cgroup_root, Some(PathBuf::from("/host/sys/fs/cgroup")));
+        assert_eq!(cfg.cgroup_mount_dir, PathBuf::from("/run/x"));
+        // /config_dump shows it as written.
+        let dump = serde_json::to_value(&cfg).unwrap();
+        assert_eq!(dump["cgroupPath"], "auto");
+        let err = load(&format!("{REST}cgroupPath: Auto\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cgroupPath: Auto is neither an absolute path nor `auto`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod fswatch;
 pub mod identity;
 pub mod inpod;
 pub mod metrics;
+pub mod nodefs;
 pub mod policy;
 pub mod proxy;
 pub mod readiness;

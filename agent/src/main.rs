@@ -90,10 +90,26 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(path) = config {
                 let config = Config::load(&path)?;
-                let w = WorkloadsFile::read(&config.workloads_file)?;
-                for warning in &w.warnings {
-                    eprintln!("warning: {warning}");
-                }
+                let source = match (&config.workloads_file, &config.kubernetes) {
+                    (Some(file), _) => {
+                        let w = WorkloadsFile::read(file)?;
+                        for warning in &w.warnings {
+                            eprintln!("warning: {warning}");
+                        }
+                        format!(
+                            "{}: {} pods, {} local to {}",
+                            file.display(),
+                            w.pods.len(),
+                            w.local_pods().count(),
+                            w.node
+                        )
+                    }
+                    (None, Some(kube)) => format!(
+                        "workloads from the Kubernetes API for node {}",
+                        kube.node_name
+                    ),
+                    (None, None) => unreachable!("Config::load requires a source"),
+                };
                 let ca = nodemesh_agent::identity::FileCa::load(
                     &config.ca_cert_file,
                     &config.ca_key_file,
@@ -107,14 +123,7 @@ fn main() -> anyhow::Result<()> {
                         config.ca_cert_file.display()
                     );
                 }
-                println!(
-                    "ok: {} and {}: {} pods, {} local to {}",
-                    path.display(),
-                    config.workloads_file.display(),
-                    w.pods.len(),
-                    w.local_pods().count(),
-                    w.node
-                );
+                println!("ok: {} and {source}", path.display());
             }
             if let Some(dir) = policy_dir {
                 let loaded = nodemesh_agent::policy::load_dir(&dir, &root_namespace)?;

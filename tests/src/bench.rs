@@ -22,7 +22,13 @@ fn spec() -> ClusterSpec {
             PodSpec::new("direct-server-remote", 1).unenrolled(),
         ],
         services: vec![],
-        agent: Default::default(),
+        // Workloads files: the data path is the same in Kubernetes mode, and
+        // runs stay comparable with earlier commits' (memory with a large
+        // API state is measured in Kubernetes mode, see `api_memory`).
+        agent: crate::AgentOptions {
+            workloads_file: true,
+            ..Default::default()
+        },
     }
 }
 
@@ -231,7 +237,130 @@ fn abuse(c: &Cluster, rounds: usize) -> Result<Value> {
     }))
 }
 
-pub fn run(secs: f64, out: &Path, abuse_only: bool) -> Result<()> {
+/// Pods and services of the large cluster `api_memory` puts in the API.
+const API_PODS: usize = 10_000;
+const API_SERVICES: usize = 2_000;
+const API_NODES: usize = 100;
+const ENDPOINTS_PER_SERVICE: usize = 5;
+
+/// The agent's memory with a large cluster in the Kubernetes API (the
+/// lab's fake): 10,000 pods on 100 other nodes and 2,000 services of 5
+/// endpoints each, added to a running one-node cluster. Its RSS before,
+/// once the store holds them all, and the peak while they arrived.
+fn api_memory() -> Result<Value> {
+    let c = Cluster::start(ClusterSpec {
+        nodes: 1,
+        pods: vec![PodSpec::new("client", 0)],
+        services: vec![],
+        agent: Default::default(),
+    })?;
+    let pid = c.agent_pid(0).ok_or_else(|| anyhow::anyhow!("no agent"))?;
+    std::thread::sleep(SETTLE);
+    let before = status_kib(pid, "VmRSS:");
+    reset_peak_rss(pid);
+    let api = c.api();
+    let labels = |app: String| [("app".to_owned(), app)].into_iter().collect();
+    let started = std::time::Instant::now();
+    let pod_ip = |i: usize| -> std::net::IpAddr {
+        std::net::Ipv4Addr::new(10, 128 + (i >> 16) as u8, (i >> 8) as u8, i as u8).into()
+    };
+    for n in 0..API_NODES {
+        api.apply(&crate::apiserver::node(
+            &format!("big-{n}"),
+            &Default::default(),
+        ))?;
+    }
+    for ns in 0..10 {
+        api.apply(&crate::apiserver::namespace(
+            &format!("big-{ns}"),
+            &[("nodemesh.dev/mesh".to_owned(), "enabled".to_owned())]
+                .into_iter()
+                .collect(),
+        ))?;
+    }
+    for i in 0..API_PODS {
+        let app = format!("app-{}", i / ENDPOINTS_PER_SERVICE);
+        api.apply(&crate::apiserver::pod(
+            &format!("{app}-{i}"),
+            &format!("big-{}", i % 10),
+            &format!("00000000-0000-4000-8000-{i:012}"),
+            &format!("big-{}", i % API_NODES),
+            &app,
+            &labels(app.clone()),
+            &[pod_ip(i)],
+            "Running",
+        ))?;
+    }
+    for s in 0..API_SERVICES {
+        let app = format!("app-{s}");
+        let ns = format!("big-{}", s % 10);
+        let vip: std::net::IpAddr = std::net::Ipv4Addr::new(10, 97, (s >> 8) as u8, s as u8).into();
+        api.apply(&crate::apiserver::service(
+            &app,
+            &ns,
+            &[vip],
+            &[("http".to_owned(), 80, 8080)],
+            &labels(app.clone()),
+        ))?;
+        let endpoints: Vec<_> = (0..ENDPOINTS_PER_SERVICE)
+            .map(|e| {
+                let i = s * ENDPOINTS_PER_SERVICE + e;
+                (
+                    pod_ip(i),
+                    format!("{app}-{i}"),
+                    format!("big-{}", i % API_NODES),
+                    true,
+                )
+            })
+            .collect();
+        api.apply(&crate::apiserver::endpoint_slice(
+            &app,
+            &ns,
+            "IPv4",
+            &endpoints,
+            &[("http".to_owned(), 8080)],
+        ))?;
+    }
+    // Every pod and service in the agent's store.
+    let known = |metric: &str| -> f64 {
+        c.admin_get(0, "/metrics", None)
+            .ok()
+            .and_then(|r| {
+                r.body
+                    .lines()
+                    .find(|l| l.starts_with(metric))
+                    .and_then(|l| l.split_whitespace().last())
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0.0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while known("nodemesh_workload_pods ") < (API_PODS + 1) as f64
+        || known("nodemesh_workload_services ") < API_SERVICES as f64
+    {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the agent did not take in the large cluster in 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let synced_s = started.elapsed().as_secs_f64();
+    std::thread::sleep(SETTLE);
+    Ok(json!({
+        "pods": API_PODS,
+        "services": API_SERVICES,
+        "rss_before_kib": before,
+        "rss_peak_kib": status_kib(pid, "VmHWM:"),
+        "rss_after_kib": status_kib(pid, "VmRSS:"),
+        "seconds_to_take_in": synced_s,
+    }))
+}
+
+pub fn run(secs: f64, out: &Path, abuse_only: bool, api_memory_only: bool) -> Result<()> {
+    if api_memory_only {
+        println!("{}", api_memory()?);
+        return Ok(());
+    }
     if abuse_only {
         let mut c = Cluster::start(spec())?;
         c.spawn_in_pod("server-remote", &["serve", "--port", "8080"])?;
@@ -241,6 +370,8 @@ pub fn run(secs: f64, out: &Path, abuse_only: bool) -> Result<()> {
     }
     eprintln!("bench: policy decisions ...");
     let policy = policy_bench()?;
+    eprintln!("bench: agent memory with 10,000 pods and 2,000 services in the API ...");
+    let api_memory = api_memory()?;
     let mut c = Cluster::start(spec())?;
     c.spawn_in_pod("server-local", &["serve", "--port", "8080"])?;
     c.spawn_in_pod("server-remote", &["serve", "--port", "8080"])?;
@@ -317,6 +448,7 @@ pub fn run(secs: f64, out: &Path, abuse_only: bool) -> Result<()> {
         "agent_rss_idle_kib": idle_rss,
         "agent_rss_peak_kib": peak_rss,
         "abuse": abuse,
+        "api_memory": api_memory,
         "seconds_per_measurement": secs,
         "results": results,
     });
@@ -393,6 +525,16 @@ fn print_table(s: &Value) {
     println!(
         "\nagent RSS (node 0, node 1): idle {} KiB, peak under load {} KiB",
         s["agent_rss_idle_kib"], s["agent_rss_peak_kib"]
+    );
+    let m = &s["api_memory"];
+    println!(
+        "agent RSS with {} pods and {} services in the Kubernetes API: before {} KiB, peak {} KiB, after {} KiB (taken in within {:.1} s)",
+        m["pods"],
+        m["services"],
+        m["rss_before_kib"],
+        m["rss_peak_kib"],
+        m["rss_after_kib"],
+        m["seconds_to_take_in"].as_f64().unwrap_or(0.0)
     );
     let a = &s["abuse"];
     println!(

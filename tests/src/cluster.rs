@@ -51,6 +51,9 @@ pub struct PodSpec {
     /// The pod's UID, listed when set (CNI pods: their cgroup is named
     /// after it, as the kubelet names pod cgroups).
     pub uid: Option<String>,
+    /// Kubernetes mode: the Deployment the pod belongs to (the pod is
+    /// owned by its ReplicaSet `<workload>-<hash>`, as a Deployment's are).
+    pub workload: Option<String>,
 }
 
 impl PodSpec {
@@ -64,6 +67,7 @@ impl PodSpec {
             enrolled: true,
             cni: false,
             uid: None,
+            workload: None,
         }
     }
 
@@ -114,8 +118,20 @@ pub struct AgentOptions {
     pub extra: String,
     /// Enrolment by the CNI plugin: each agent serves `cni.sock` in its
     /// directory and installs `nodemesh-cni` into the node's CNI config
-    /// (`net.d`, `cni-bin` there; see `crate::cni`).
+    /// (`net.d`, `cni-bin` there; see `crate::cni`). Always on in
+    /// Kubernetes mode.
     pub cni: bool,
+    /// Per-node workloads files (pods with netns paths) and a policy
+    /// directory instead of the default Kubernetes mode (the API fake,
+    /// pods through the CNI chain; see `crate::kube`): for what only the
+    /// file sources do.
+    pub workloads_file: bool,
+    /// The node's filesystems as the agent finds them on a Kubernetes
+    /// node: pods (and the agent) under `node-<k>/kubepods.slice`, the agent
+    /// configured with `cgroupPath: auto` and `cgroupRoot: node-<k>`, and
+    /// no bpffs mounted for it (the first agent mounts one on `bpffs`,
+    /// which the run's cleanup unmounts).
+    pub node_fs_auto: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -183,6 +199,10 @@ pub struct Cluster {
     pub lab_bin: PathBuf,
     pub agent_bin: PathBuf,
     background: Vec<Child>,
+    /// The fake API server's objects (Kubernetes mode).
+    pub(crate) api: Option<crate::apiserver::ApiObjects>,
+    /// The objects each policy file applied (Kubernetes mode).
+    pub(crate) policy_objects: std::sync::Mutex<BTreeMap<String, Vec<crate::kube::ObjectKey>>>,
 }
 
 pub const EXTERNAL_V4: Ipv4Addr = Ipv4Addr::new(10, 240, 0, 200);
@@ -252,8 +272,12 @@ impl Cluster {
         Self::start_with(spec, lab_bin, agent_bin)
     }
 
-    pub fn start_with(spec: ClusterSpec, lab_bin: PathBuf, agent_bin: PathBuf) -> Result<Self> {
+    pub fn start_with(mut spec: ClusterSpec, lab_bin: PathBuf, agent_bin: PathBuf) -> Result<Self> {
         require_root()?;
+        let kubernetes = !spec.agent.workloads_file;
+        if kubernetes {
+            spec.agent.cni = true;
+        }
         sweep_leftovers();
         let run = format!(
             "{:x}{}",
@@ -276,12 +300,17 @@ impl Cluster {
             lab_bin,
             agent_bin,
             background: Vec::new(),
+            api: None,
+            policy_objects: Default::default(),
         };
         // On error the half-built cluster is dropped, which cleans up.
         cluster.build_network()?;
         cluster.build_cgroups()?;
         cluster.mount_bpffs()?;
         cluster.create_ca()?;
+        if kubernetes {
+            cluster.start_api_server()?;
+        }
         for (i, s) in spec.services.iter().enumerate() {
             cluster.services.insert(
                 s.name.clone(),
@@ -308,11 +337,19 @@ impl Cluster {
             if spec.agent.cni {
                 cluster.prepare_cni(k)?;
             }
-            cluster.write_workloads(k)?;
+            if !kubernetes {
+                cluster.write_workloads(k)?;
+            }
             cluster.write_agent_config(k)?;
+        }
+        if kubernetes {
+            cluster.publish_cluster_objects()?;
         }
         for k in 0..spec.nodes {
             cluster.start_agent(k)?;
+        }
+        if kubernetes {
+            cluster.create_pods_via_cni()?;
         }
         Ok(cluster)
     }
@@ -419,7 +456,12 @@ impl Cluster {
             }
         }
         let mut per_node = vec![0usize; nodes];
-        for spec in self.spec.pods.clone() {
+        // In Kubernetes mode pods come from the CNI chain, later.
+        let manual = match self.kubernetes() {
+            true => Vec::new(),
+            false => self.spec.pods.clone(),
+        };
+        for spec in manual {
             if spec.node >= nodes {
                 bail!(
                     "pod {} is on node {} but the cluster has {nodes} nodes",
@@ -457,10 +499,7 @@ impl Cluster {
                 &ns,
                 &["-6", "route", "add", "default", "via", &gw6(k).to_string()],
             )?;
-            let cgroup = self
-                .cgroup_dir
-                .join(format!("node-{k}"))
-                .join(format!("pod-{}", spec.name));
+            let cgroup = self.pods_cgroup(k).join(format!("pod-{}", spec.name));
             self.pods.insert(
                 spec.name.clone(),
                 PodInfo {
@@ -495,7 +534,7 @@ impl Cluster {
         fs::create_dir_all(self.cgroup_dir.join("external"))
             .with_context(|| format!("creating cgroups under {}", self.cgroup_dir.display()))?;
         for k in 0..self.spec.nodes {
-            fs::create_dir_all(self.cgroup_dir.join(format!("node-{k}/agent")))
+            fs::create_dir_all(self.agent_cgroup(k))
                 .with_context(|| format!("creating cgroups under {}", self.cgroup_dir.display()))?;
         }
         for pod in self.pods.values() {
@@ -514,9 +553,19 @@ impl Cluster {
         self.state_dir.join("policies")
     }
 
-    /// Writes (atomically) one policy file into the shared policy directory.
+    /// Writes (atomically) one policy file into the shared policy
+    /// directory; in Kubernetes mode, applies its documents as custom
+    /// resources instead, as `kubectl apply -f` would.
     pub fn write_policy(&self, name: &str, yaml: &str) -> Result<()> {
-        write_atomically(&self.policy_dir().join(name), yaml)
+        match self.kubernetes() {
+            true => self.apply_policy_file(name, yaml),
+            false => write_atomically(&self.policy_dir().join(name), yaml),
+        }
+    }
+
+    /// Whether the agents read the (fake) Kubernetes API.
+    pub fn kubernetes(&self) -> bool {
+        !self.spec.agent.workloads_file
     }
 
     /// The roots every agent trusts; starts as the CA's certificate.
@@ -543,8 +592,25 @@ impl Cluster {
         Ok(())
     }
 
+    /// The cgroup holding node k's pods (where its agent attaches).
+    pub fn pods_cgroup(&self, k: usize) -> PathBuf {
+        let node = self.cgroup_dir.join(format!("node-{k}"));
+        match self.spec.agent.node_fs_auto {
+            true => node.join("kubepods.slice"),
+            false => node,
+        }
+    }
+
+    /// Node k's agent's cgroup: among its pods, as a DaemonSet's pod is.
+    fn agent_cgroup(&self, k: usize) -> PathBuf {
+        self.pods_cgroup(k).join("agent")
+    }
+
     fn mount_bpffs(&self) -> Result<()> {
         fs::create_dir_all(&self.bpffs)?;
+        if self.spec.agent.node_fs_auto {
+            return Ok(());
+        }
         let out = Command::new("mount")
             .args(["-t", "bpf", "bpf"])
             .arg(&self.bpffs)
@@ -621,6 +687,9 @@ impl Cluster {
     /// Rewrites node k's workloads file, enrolling exactly the local pods
     /// for which `enrolled` is true (the agent picks the change up live).
     pub fn set_enrolled(&self, k: usize, enrolled: &dyn Fn(&PodInfo) -> bool) -> Result<()> {
+        if self.kubernetes() {
+            return self.sync_api(Some((k, enrolled)));
+        }
         let y = self.workloads_yaml(k, enrolled);
         write_atomically(&self.agents[k].workloads, &y)
     }
@@ -633,10 +702,23 @@ impl Cluster {
 
     fn write_agent_config(&self, k: usize) -> Result<()> {
         let a = &self.agents[k];
+        let source = match self.kubernetes() {
+            true => self.kube_agent_config(k),
+            false => format!(
+                "workloadsFile: {}\npolicyDir: {}\n",
+                a.workloads.display(),
+                self.policy_dir().display()
+            ),
+        };
+        let cgroup = match self.spec.agent.node_fs_auto {
+            true => format!(
+                "cgroupPath: auto\ncgroupRoot: {}\n",
+                self.cgroup_dir.join(format!("node-{k}")).display()
+            ),
+            false => format!("cgroupPath: {}\n", self.pods_cgroup(k).display()),
+        };
         let y = format!(
-            "workloadsFile: {}\ncgroupPath: {}\nbpffsDir: {}\nstateDir: {}\naccessLog: {}\nsockmap: {}\ndrainTimeoutSeconds: {}\nebpfLog: {}\ncaCertFile: {}\ncaKeyFile: {}\ntrustBundleFile: {}\ncertLifetimeSeconds: {}\npolicyDir: {}\nadminAddress: {}\nstatsAddress: {}\nreadinessAddress: {}\ninboundExemptSources: [{}]\n{}",
-            a.workloads.display(),
-            self.cgroup_dir.join(format!("node-{k}")).display(),
+            "{source}{cgroup}bpffsDir: {}\nstateDir: {}\naccessLog: {}\nsockmap: {}\ndrainTimeoutSeconds: {}\nebpfLog: {}\ncaCertFile: {}\ncaKeyFile: {}\ntrustBundleFile: {}\ncertLifetimeSeconds: {}\nadminAddress: {}\nstatsAddress: {}\nreadinessAddress: {}\ninboundExemptSources: [{}]\n{}",
             self.bpffs.join(format!("node-{k}")).display(),
             self.state_dir.join(format!("agent-state-{k}")).display(),
             a.access_log.display(),
@@ -651,7 +733,6 @@ impl Cluster {
             self.ca_files().1.display(),
             self.trust_bundle_file().display(),
             self.spec.agent.cert_lifetime_seconds.unwrap_or(86400),
-            self.policy_dir().display(),
             self.admin_address(k),
             self.stats_address(k),
             self.readiness_address(k),
@@ -711,7 +792,29 @@ impl Cluster {
     /// Starts node k's agent (in the node's netns and its agent cgroup) and
     /// waits until it reports ready.
     pub fn start_agent(&mut self, k: usize) -> Result<()> {
-        let cgroup = self.cgroup_dir.join(format!("node-{k}/agent"));
+        let offset = self.spawn_agent(k)?;
+        let a = &mut self.agents[k];
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = fs::read_to_string(&a.log).unwrap_or_default();
+            let new = text.get(offset as usize..).unwrap_or("");
+            if new.contains("nodemesh agent ready") {
+                return Ok(());
+            }
+            if let Some(status) = a.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("agent {k} exited ({status}) before ready:\n{new}");
+            }
+            if Instant::now() > deadline {
+                bail!("agent {k} not ready after 20 s:\n{new}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts node k's agent without waiting for it; returns where its new
+    /// log lines begin.
+    pub fn spawn_agent(&mut self, k: usize) -> Result<u64> {
+        let cgroup = self.agent_cgroup(k);
         let netns = format!("/run/netns/{}", self.ns_node(k));
         let a = &mut self.agents[k];
         let log = fs::OpenOptions::new()
@@ -737,21 +840,7 @@ impl Cluster {
             .spawn()
             .context("starting the agent")?;
         a.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let text = fs::read_to_string(&a.log).unwrap_or_default();
-            let new = text.get(offset as usize..).unwrap_or("");
-            if new.contains("nodemesh agent ready") {
-                return Ok(());
-            }
-            if let Some(status) = a.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("agent {k} exited ({status}) before ready:\n{new}");
-            }
-            if Instant::now() > deadline {
-                bail!("agent {k} not ready after 20 s:\n{new}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        Ok(offset)
     }
 
     pub fn agent_pid(&self, k: usize) -> Option<u32> {
@@ -977,7 +1066,9 @@ impl Cluster {
         self.spawn(cmd, &format!("ext-{}", self.background.len()))
     }
 
-    fn spawn(&mut self, mut cmd: Command, name: &str) -> Result<PathBuf> {
+    /// Starts a long-running process (killed with the cluster) without
+    /// waiting for it; its output goes to `<name>.out`.
+    pub(crate) fn spawn_background(&mut self, mut cmd: Command, name: &str) -> Result<PathBuf> {
         let out = self.state_dir.join(format!("{name}.out"));
         let f = fs::File::create(&out)?;
         let child = cmd
@@ -987,6 +1078,11 @@ impl Cluster {
             .stderr(f)
             .spawn()?;
         self.background.push(child);
+        Ok(out)
+    }
+
+    fn spawn(&mut self, cmd: Command, name: &str) -> Result<PathBuf> {
+        let out = self.spawn_background(cmd, name)?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while fs::read_to_string(&out).unwrap_or_default().is_empty() {
             if Instant::now() > deadline {

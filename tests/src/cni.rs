@@ -45,17 +45,23 @@ pub fn pod_uid(container_id: &str) -> String {
     )
 }
 
+/// The address of each family in a CNI result (unspecified if none).
+pub fn result_ips(result: &Value) -> (Ipv4Addr, Ipv6Addr) {
+    let mut ips = (Ipv4Addr::UNSPECIFIED, Ipv6Addr::UNSPECIFIED);
+    let addresses = result["ips"].as_array().into_iter().flatten();
+    for ip in addresses.filter_map(|ip| ip["address"].as_str()?.split('/').next()?.parse().ok()) {
+        match ip {
+            IpAddr::V4(v4) if ips.0.is_unspecified() => ips.0 = v4,
+            IpAddr::V6(v6) if ips.1.is_unspecified() => ips.1 = v6,
+            _ => {}
+        }
+    }
+    ips
+}
+
 /// The IPv4 address in a CNI result.
 pub fn result_ip4(result: &Value) -> Option<Ipv4Addr> {
-    result["ips"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|ip| ip["address"].as_str()?.split('/').next()?.parse().ok())
-        .find_map(|ip: IpAddr| match ip {
-            IpAddr::V4(v4) => Some(v4),
-            IpAddr::V6(_) => None,
-        })
+    Some(result_ips(result).0).filter(|ip| !ip.is_unspecified())
 }
 
 /// A failed CNI command: the plugin's error object (`code`, `msg`).
@@ -102,8 +108,13 @@ impl Cluster {
                         "rangeStart": format!("10.244.{k}.100"),
                         "rangeEnd": format!("10.244.{k}.200"),
                         "gateway": format!("10.244.{k}.1"),
+                    }], [{
+                        "subnet": format!("fd00:244:{k}::/64"),
+                        "rangeStart": format!("fd00:244:{k}::100"),
+                        "rangeEnd": format!("fd00:244:{k}::200"),
+                        "gateway": format!("fd00:244:{k}::1"),
                     }]],
-                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
                     "dataDir": self.agents[k].dir.join("ipam"),
                 },
             }],
@@ -170,7 +181,7 @@ impl Cluster {
         let netns = format!("{}-{}", self.ns_node(k), name);
         let uid = pod_uid(container_id);
         // Named as the kubelet's systemd driver names a pod's cgroup.
-        let cgroup = self.cgroup_dir.join(format!("node-{k}")).join(format!(
+        let cgroup = self.pods_cgroup(k).join(format!(
             "kubepods-besteffort-pod{}.slice",
             uid.replace('-', "_")
         ));
@@ -191,6 +202,10 @@ impl Cluster {
         if !sys::netns_list().contains(&netns) {
             sys::ip(&["netns", "add", &netns])?;
             sys::ip_in(&netns, &["link", "set", "lo", "up"])?;
+            // No duplicate address detection on the lab's own addresses:
+            // the chain would wait seconds for each IPv6 address.
+            sys::sysctl_in(&netns, "net.ipv6.conf.default.accept_dad", "0")?;
+            sys::sysctl_in(&netns, "net.ipv6.conf.all.accept_dad", "0")?;
         }
         let result = self
             .cni_run("ADD", &name, container_id)
@@ -199,8 +214,12 @@ impl Cluster {
             .ok_or_else(|| anyhow!("the chain gave {name} no IPv4 address: {result}"))?;
         let pod = self.pods.get_mut(&name).expect("listed above");
         pod.ip4 = ip4;
+        pod.ip6 = result_ips(&result).1;
         let pod = pod.clone();
         self.rewrite_workloads()?;
+        if self.kubernetes() {
+            self.wait_for_agents_to_know_pods()?;
+        }
         Ok(pod)
     }
 
@@ -211,12 +230,20 @@ impl Cluster {
             .map_err(|e| anyhow!("{e}"))?;
         let netns = self.pod(name).netns.clone();
         sys::ip(&["netns", "del", &netns])?;
-        self.pods.remove(name);
+        if let Some(pod) = self.pods.remove(name)
+            && self.kubernetes()
+        {
+            self.delete_api_pod(&pod)?;
+        }
         self.rewrite_workloads()
     }
 
-    /// Rewrites every node's workloads file from `pods` (the API's view).
+    /// Rewrites every node's workloads file from `pods` (the API's view);
+    /// in Kubernetes mode, the API's objects.
     pub fn rewrite_workloads(&self) -> Result<()> {
+        if self.kubernetes() {
+            return self.sync_api(None);
+        }
         for k in 0..self.spec.nodes {
             self.set_enrolled(k, &|p| p.spec.enrolled)?;
         }

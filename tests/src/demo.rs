@@ -255,10 +255,22 @@ fn print_summary(c: &Cluster, elapsed: Duration) {
         out += &errors.join("\n");
         out += "\n";
     }
+    let policies = match c.kubernetes() {
+        true => format!(
+            "Istio custom resources in the lab's Kubernetes API fake, {}",
+            c.api().dir.join("objects").display()
+        ),
+        false => c.policy_dir().display().to_string(),
+    };
     out += &format!(
-        "\npolicies ({}): mesh-wide STRICT mutual TLS; auth accepts only orders\n",
-        c.policy_dir().display()
+        "\npolicies ({policies}): mesh-wide STRICT mutual TLS; auth accepts only orders\n"
     );
+    if c.kubernetes() {
+        out += &format!(
+            "pods: created through each node's CNI chain (bridge, host-local, nodemesh-cni); agents watch the API at https://{}:6443 (a lab fake)\n",
+            crate::kube::API_SERVER
+        );
+    }
     for k in 0..c.agents.len() {
         out += &format!(
             "node {k} agent: curl -s http://{}/metrics (stats), http://{}/healthz/ready; ip netns exec {} curl -s http://{}/config_dump (admin, node-local)\n",

@@ -2,6 +2,7 @@
 //! and the benchmarks.
 #![forbid(unsafe_code)]
 
+pub mod apiserver;
 pub mod bench;
 pub mod bench_client;
 pub mod capture;
@@ -10,6 +11,7 @@ pub mod cni;
 pub mod demo;
 pub mod hbone_probe;
 pub mod http;
+pub mod kube;
 pub mod prometheus;
 pub mod sys;
 pub mod workload;

@@ -25,6 +25,10 @@ fn cluster() -> Cluster {
         services: vec![],
         agent: AgentOptions {
             cni: true,
+            // Pods listed in a workloads file, without netns paths: CNI
+            // enrolment with the file source (Kubernetes mode, the
+            // default elsewhere, is tests/tests/kubernetes.rs and e2e).
+            workloads_file: true,
             ..Default::default()
         },
     })
@@ -298,6 +302,40 @@ fn pods_created_through_the_cni_chain_are_meshed_before_they_run() {
     );
     assert_eq!(c.probe("cart", &remote(&c))["result"], "ok");
     assert_eq!(enrolled_count(&c, 0), before + 1);
+
+    // Only root may enrol pods: with the socket's mode opened up, another
+    // user's connection is closed unanswered (its peer credentials).
+    use std::os::unix::fs::PermissionsExt as _;
+    let socket = c.cni_socket(0);
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let dirs: Vec<_> = socket.ancestors().skip(1).map(|d| d.to_owned()).collect();
+    let modes: Vec<_> = dirs
+        .iter()
+        .map(|d| std::fs::metadata(d).unwrap().permissions().mode())
+        .collect();
+    for d in &dirs {
+        let mode = std::fs::metadata(d).unwrap().permissions().mode();
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode | 0o001)).unwrap();
+    }
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c"])
+        .arg("import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\ntry:\n    s.sendall(b'{}')\n    print('closed' if s.recv(100) == b'' else 'answered')\nexcept OSError:\n    print('closed')")
+        .arg(&socket)
+        .output()
+        .unwrap();
+    for (d, mode) in dirs.iter().zip(modes) {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "closed",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the refusal logged", Duration::from_secs(3), || {
+        c.agent_log(0)
+            .contains("refusing a connection from uid 65534")
+    });
 
     // Uninstalling takes the plugin out of the node's config first: left
     // there without an agent, it would keep every new pod from starting.

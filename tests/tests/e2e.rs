@@ -17,9 +17,14 @@ fn spec(pods: Vec<PodSpec>, services: Vec<ServiceSpec>) -> ClusterSpec {
 }
 
 /// client on node 0, servers on both nodes, a service in front of the
-/// remote one, an unenrolled pod beside the client.
+/// remote one, an unenrolled pod beside the client. Kubernetes mode: the
+/// pods made by the CNI chain, the state from the API.
 fn standard() -> Cluster {
-    let mut c = Cluster::start(spec(
+    standard_with(false)
+}
+
+fn standard_with(workloads_file: bool) -> Cluster {
+    let mut spec = spec(
         vec![
             PodSpec::new("client", 0),
             PodSpec::new("outsider", 0).unenrolled(),
@@ -27,8 +32,9 @@ fn standard() -> Cluster {
             PodSpec::new("server-remote", 1),
         ],
         vec![ServiceSpec::new("web", 80, 8080, &["server-remote"])],
-    ))
-    .expect("building the virtual cluster (needs root)");
+    );
+    spec.agent.workloads_file = workloads_file;
+    let mut c = Cluster::start(spec).expect("building the virtual cluster (needs root)");
     c.spawn_in_pod("server-local", &["serve", "--port", "8080"])
         .unwrap();
     c.spawn_in_pod("server-remote", &["serve", "--port", "8080"])
@@ -132,7 +138,16 @@ fn one_gib_intact_and_half_close_both_ways() {
         )
         .unwrap();
     assert_eq!(r["ok"], true, "{r}");
-    let server_out = std::fs::read_to_string(c.state_dir.join("server-remote-1.out")).unwrap();
+    let out = std::fs::read_dir(&c.state_dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("server-remote-") && n.ends_with(".out"))
+        })
+        .expect("the server's output");
+    let server_out = std::fs::read_to_string(out).unwrap();
     assert!(
         server_out.contains("\"after_shutdown\":\"after-eof\""),
         "{server_out}"
@@ -334,7 +349,8 @@ fn ipv6_end_to_end_and_v4_mapped() {
 
 #[test]
 fn pods_enrol_and_unenrol_live() {
-    let c = standard();
+    // The workloads file's live updates (its pods have netns paths).
+    let c = standard_with(true);
     let remote = format!("{}:8080", c.pod("server-remote").ip4);
     c.set_enrolled(0, &|p| p.spec.enrolled && p.spec.name != "client")
         .unwrap();

@@ -14,6 +14,8 @@ use serde_json::Value;
 fn cluster(extra: &str) -> Cluster {
     let mut spec = ClusterSpec::two_nodes();
     spec.agent.extra = extra.into();
+    // The findings of half-written files are the file sources'.
+    spec.agent.workloads_file = true;
     let mut c = Cluster::start(spec).expect("building the virtual cluster (needs root)");
     for pod in ["server-remote", "server-local"] {
         c.spawn_in_pod(pod, &["serve", "--port", "8080"]).unwrap();

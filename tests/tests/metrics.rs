@@ -29,7 +29,12 @@ fn cluster() -> Cluster {
             PodSpec::new("outsider", 1).unenrolled(),
         ],
         services: vec![ServiceSpec::new("remote", 80, 8080, &["server-remote"])],
-        agent: Default::default(),
+        // Workloads files: readiness_follows_enrolment breaks one (the
+        // metrics from the API's workload names: tests/tests/kubernetes.rs).
+        agent: nodemesh_lab::AgentOptions {
+            workloads_file: true,
+            ..Default::default()
+        },
     };
     let mut c = Cluster::start(spec).expect("building the virtual cluster (needs root)");
     c.spawn_in_pod("server-remote", &["serve", "--port", "8080"])

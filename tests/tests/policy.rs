@@ -155,10 +155,26 @@ fn a_reload_closes_newly_denied_connections_and_keeps_allowed_ones() {
     wait_for("the rejection", Duration::from_secs(5), || {
         c.agent_log(1).contains("policy set rejected")
     });
+    // Applied as a custom resource: the log names the object, and an
+    // Event on the object (what `kubectl describe` shows its author) names
+    // the field.
     assert!(
-        c.agent_log(1).contains("broken.yaml:4:"),
-        "no file:line in the log"
+        c.agent_log(1)
+            .contains("AuthorizationPolicy default/x (security.istio.io/v1)"),
+        "the object is not named in the log"
     );
+    wait_for("the Event on the object", Duration::from_secs(5), || {
+        c.events_about("AuthorizationPolicy", "default", "x")
+            .iter()
+            .any(|e| {
+                e["type"] == "Warning"
+                    && e["reason"] == "InvalidPolicy"
+                    && e["reportingInstance"] == "node-1"
+                    && e["note"]
+                        .as_str()
+                        .is_some_and(|n| n.contains("spec.rules[0].to[0].operation.ports[0]"))
+            })
+    });
     assert_eq!(c.probe("client", &to)["result"], "ok");
     assert_ne!(c.probe("promo", &to)["result"], "ok");
 }

@@ -19,6 +19,8 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 
+mod image;
+mod manifests;
 mod modcycles;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -56,11 +58,16 @@ enum Cmd {
         #[arg(default_value = "agent/src")]
         dir: PathBuf,
     },
+    /// Render the Kubernetes manifests and validate them offline (part of `test`).
+    Manifests,
     /// Benchmarks on the virtual cluster: meshed vs direct TCP.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The agent's OCI image, from scratch and offline (buildah), checked:
+    /// target/image/nodemesh-agent.oci.tar (as root).
+    Image,
 }
 
 fn main() -> Result<()> {
@@ -72,7 +79,7 @@ fn main() -> Result<()> {
         install_debian_packages()?;
     }
     match cli.command {
-        Cmd::Setup => Ok(()),
+        Cmd::Setup => manifests::tools().map(drop),
         Cmd::Cycles { dir } => {
             let found = modcycles::cycles(&root.join(dir))?;
             for c in &found {
@@ -85,9 +92,11 @@ fn main() -> Result<()> {
             }
         }
         Cmd::Build => build(&root, &path),
+        Cmd::Manifests => manifests::check(&root),
         Cmd::Test { args } => test(&root, &path, &args),
         Cmd::Demo { args } => run_lab(&root, &path, "demo", &args),
         Cmd::Bench { args } => run_lab(&root, &path, "bench", &args),
+        Cmd::Image => image::image(&root, &path),
     }
 }
 
@@ -253,7 +262,7 @@ const DEBIAN_PACKAGES: [(&str, &[&str]); 2] = [
 /// them; others get a note (the test that needs one then fails, saying
 /// what is missing).
 fn install_debian_packages() -> Result<()> {
-    for (package, files) in DEBIAN_PACKAGES {
+    for (package, files) in DEBIAN_PACKAGES.into_iter().chain(image::DEBIAN_PACKAGES) {
         install_debian(package, files)?;
     }
     Ok(())
@@ -331,6 +340,7 @@ fn test(root: &Path, path: &OsString, args: &[String]) -> Result<()> {
         );
     }
     eprintln!("+ no import cycles between the agent's modules");
+    manifests::check(root)?;
     run(cargo(root, path).args([
         "clippy",
         "--workspace",
@@ -340,6 +350,7 @@ fn test(root: &Path, path: &OsString, args: &[String]) -> Result<()> {
         "warnings",
     ]))?;
     build(root, path)?;
+    image::image(root, path)?;
     fuzz(root, path)?;
     // Root tests share kernel state (cgroups, bpffs, netns): one at a time.
     let mut cmd = cargo(root, path);

@@ -59,6 +59,21 @@ pub fn start(
                     continue;
                 }
             };
+            // The mode is set after bind; the peer's credentials close that
+            // window: only root (the runtime) or the agent's own user may
+            // enrol pods.
+            let own = nix::unistd::geteuid().as_raw();
+            match stream.peer_cred() {
+                Ok(c) if c.uid() == 0 || c.uid() == own => {}
+                other => {
+                    let who = other.map_or_else(|e| e.to_string(), |c| format!("uid {}", c.uid()));
+                    warn!(
+                        "CNI server: refusing a connection from {who} (only root may enrol pods)"
+                    );
+                    metrics.record("unknown", "error");
+                    continue;
+                }
+            }
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 warn!(
                     "CNI server: {MAX_CONCURRENT} requests in progress; refusing one (the runtime retries)"

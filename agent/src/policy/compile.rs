@@ -11,9 +11,10 @@ use std::{
 use super::model::{Condition, Document, Operation, S, Source, Spec};
 
 /// API groups accepted unchanged: Istio's and ours.
-pub const API_VERSIONS: [&str; 3] = [
+pub const API_VERSIONS: [&str; 4] = [
     "security.istio.io/v1",
     "security.istio.io/v1beta1",
+    "security.nodemesh.dev/v1",
     "security.nodemesh.dev/v1alpha1",
 ];
 
@@ -319,6 +320,21 @@ fn parse_principal(v: &str) -> Result<StrMatch, String> {
     StrMatch::parse(v)
 }
 
+/// `namespace/name` as the principal of that service account in any trust
+/// domain (Istio's `serviceAccounts`: no wildcards).
+fn parse_service_account(v: &str) -> Result<StrMatch, String> {
+    match v.split_once('/') {
+        Some((ns, sa))
+            if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') && !v.contains('*') =>
+        {
+            Ok(StrMatch::Suffix(format!("/ns/{ns}/sa/{sa}")))
+        }
+        _ => Err(format!(
+            "{v:?}: a service account is namespace/name, without wildcards"
+        )),
+    }
+}
+
 fn parse_namespace(v: &str) -> Result<StrMatch, String> {
     if v.is_empty() {
         return Err("empty namespace".into());
@@ -361,8 +377,41 @@ fn source(ctx: &mut Ctx<'_>, s: &Source, path: &str) -> SourceMatch {
     ) {
         not_ip_blocks.get_or_insert_with(Vec::new).extend(more);
     }
-    SourceMatch {
-        principals: Field {
+    let by_service_account = s.service_accounts.is_some() || s.not_service_accounts.is_some();
+    if by_service_account
+        && (s.principals.is_some()
+            || s.not_principals.is_some()
+            || s.namespaces.is_some()
+            || s.not_namespaces.is_some())
+    {
+        let at = s
+            .service_accounts
+            .iter()
+            .chain(&s.not_service_accounts)
+            .flatten()
+            .next();
+        if let Some(at) = at {
+            ctx.error(
+                at,
+                format!("{path}.serviceAccounts"),
+                "cannot be set with namespaces or principals (Istio's rule)",
+            );
+        }
+    }
+    let principals = match by_service_account {
+        true => Field {
+            any_of: ctx.list(
+                &s.service_accounts,
+                &format!("{path}.serviceAccounts"),
+                parse_service_account,
+            ),
+            none_of: ctx.list(
+                &s.not_service_accounts,
+                &format!("{path}.notServiceAccounts"),
+                parse_service_account,
+            ),
+        },
+        false => Field {
             any_of: ctx.list(
                 &s.principals,
                 &format!("{path}.principals"),
@@ -374,6 +423,9 @@ fn source(ctx: &mut Ctx<'_>, s: &Source, path: &str) -> SourceMatch {
                 parse_principal,
             ),
         },
+    };
+    SourceMatch {
+        principals,
         namespaces: Field {
             any_of: ctx.list(
                 &s.namespaces,
@@ -426,7 +478,7 @@ fn condition(ctx: &mut Ctx<'_>, c: &Condition, path: &str) -> Result<Option<Cond
     let key = match c.key.value.as_str() {
         "source.ip" | "remote.ip" => ConditionKey::SourceIp,
         "source.namespace" => ConditionKey::SourceNamespace,
-        "source.principal" => ConditionKey::SourcePrincipal,
+        "source.principal" | "source.serviceAccount" => ConditionKey::SourcePrincipal,
         "destination.ip" => ConditionKey::DestinationIp,
         "destination.port" => ConditionKey::DestinationPort,
         k if L7_WHEN_PREFIXES.iter().any(|p| k.starts_with(p)) => {
@@ -463,10 +515,16 @@ fn condition(ctx: &mut Ctx<'_>, c: &Condition, path: &str) -> Result<Option<Cond
             any_of: ctx.list(&c.values, &v, parse_port),
             none_of: ctx.list(&c.not_values, &nv, parse_port),
         }),
-        ConditionKey::SourcePrincipal => ConditionValues::Strings(Field {
-            any_of: ctx.list(&c.values, &v, parse_principal),
-            none_of: ctx.list(&c.not_values, &nv, parse_principal),
-        }),
+        ConditionKey::SourcePrincipal => {
+            let parse = match c.key.value.as_str() {
+                "source.serviceAccount" => parse_service_account,
+                _ => parse_principal,
+            };
+            ConditionValues::Strings(Field {
+                any_of: ctx.list(&c.values, &v, parse),
+                none_of: ctx.list(&c.not_values, &nv, parse),
+            })
+        }
         ConditionKey::SourceNamespace => ConditionValues::Strings(Field {
             any_of: ctx.list(&c.values, &v, parse_namespace),
             none_of: ctx.list(&c.not_values, &nv, parse_namespace),
@@ -512,6 +570,12 @@ fn foreign_fields(kind: &str, spec: &Spec) -> Vec<&'static str> {
         }
         if spec.provider.is_some() {
             out.push("provider");
+        }
+        if spec.target_ref.is_some() {
+            out.push("targetRef");
+        }
+        if spec.target_refs.is_some() {
+            out.push("targetRefs");
         }
     }
     out
@@ -603,6 +667,28 @@ pub fn compile(file: &Path, docs: &[Document], out: &mut Compiled) -> Result<(),
             });
             continue;
         }
+        // As ztunnel: a policy bound to a Gateway, waypoint or Service, or
+        // delegated to an external authorizer, is not a node agent's to
+        // enforce (Istio sends it to the waypoint or gateway); left out,
+        // with a warning, never an error that would hold the whole set.
+        if doc.spec.target_ref.is_some() || doc.spec.target_refs.is_some() {
+            let field = match doc.spec.target_ref.is_some() {
+                true => "spec.targetRef",
+                false => "spec.targetRefs",
+            };
+            ctx.warn(
+                at(field),
+                "binds the policy to a Gateway, waypoint or Service, which enforce it; not a node agent's policy (left out)",
+            );
+            continue;
+        }
+        if doc.spec.action.as_ref().map(|a| a.value.as_str()) == Some("CUSTOM") {
+            ctx.warn(
+                at("spec.action"),
+                "CUSTOM delegates to an external authorizer at a waypoint or gateway; not a node agent's policy (left out)",
+            );
+            continue;
+        }
         let action = match doc.spec.action.as_ref().map(|a| a.value.as_str()) {
             None | Some("ALLOW") => Action::Allow,
             Some("DENY") => Action::Deny,
@@ -621,7 +707,7 @@ pub fn compile(file: &Path, docs: &[Document], out: &mut Compiled) -> Result<(),
             ctx.error(
                 &doc.kind,
                 at("spec.provider"),
-                "CUSTOM providers are not supported",
+                "only with action CUSTOM (an external authorizer)",
             );
         }
         let mut rules = Vec::new();

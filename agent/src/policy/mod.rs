@@ -6,6 +6,8 @@
 //! author meant to deny).
 mod compile;
 mod engine;
+#[cfg(feature = "kubernetes")]
+pub mod kube;
 mod model;
 mod peer_auth;
 mod store;

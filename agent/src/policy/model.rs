@@ -40,6 +40,10 @@ pub struct Spec {
     pub action: Option<S>,
     pub rules: Option<Vec<Rule>>,
     pub provider: Option<serde_saphyr::Spanned<BTreeMap<String, String>>>,
+    /// Binds the policy to a Gateway, waypoint or Service instead of
+    /// workloads (`group`, `kind`, `name`, `namespace`).
+    pub target_ref: Option<BTreeMap<String, S>>,
+    pub target_refs: Option<Vec<BTreeMap<String, S>>>,
     // PeerAuthentication
     pub mtls: Option<Mtls>,
     pub port_level_mtls: Option<BTreeMap<String, Mtls>>,
@@ -80,6 +84,9 @@ pub struct From {
 pub struct Source {
     pub principals: Option<Vec<S>>,
     pub not_principals: Option<Vec<S>>,
+    /// `namespace/name`: principals of any trust domain (Istio 1.23+).
+    pub service_accounts: Option<Vec<S>>,
+    pub not_service_accounts: Option<Vec<S>>,
     pub namespaces: Option<Vec<S>>,
     pub not_namespaces: Option<Vec<S>>,
     pub ip_blocks: Option<Vec<S>>,

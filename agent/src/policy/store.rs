@@ -142,11 +142,7 @@ impl PolicyStore {
                 Ok(t) => t,
                 Err(e) => return self.rejected(&e),
             };
-            let in_force = self
-                .texts
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone();
+            let in_force = self.texts_in_force();
             if texts == in_force && self.generation() > 0 {
                 return "unchanged";
             }
@@ -159,30 +155,62 @@ impl PolicyStore {
                 }
             }
             return match compile_texts(&texts, &self.root_namespace) {
-                Ok(loaded) => {
-                    for w in &loaded.warnings {
-                        warn!("policy {w}");
-                    }
-                    let n = loaded.authorization.len();
-                    let peer = loaded.peer_authentication.len();
-                    self.current.store(Arc::new(InForce {
-                        authorization: loaded.authorization,
-                        peer_authentication: loaded.peer_authentication,
-                    }));
-                    *self.texts.lock().unwrap_or_else(PoisonError::into_inner) = texts;
-                    self.generation.send_modify(|g| *g += 1);
-                    info!(
-                        generation = self.generation(),
-                        policies = n,
-                        peer_authentication = peer,
-                        files = loaded.files.len(),
-                        "policies loaded"
-                    );
-                    "applied"
-                }
+                Ok(loaded) => self.take(texts, loaded),
                 Err(e) => self.rejected(&e),
             };
         }
+    }
+
+    /// Replaces the set in force with `texts`, whole, if they are valid
+    /// (Kubernetes objects: each arrives complete, so no second read).
+    /// On errors the set in force stays and they are returned (the caller
+    /// reports them where the objects' authors look).
+    pub fn replace(&self, texts: Texts) -> Result<(), LoadError> {
+        if texts == self.texts_in_force() && self.generation() > 0 {
+            self.metrics.record("unchanged", self.generation());
+            return Ok(());
+        }
+        match compile_texts(&texts, &self.root_namespace) {
+            Ok(loaded) => {
+                self.take(texts, loaded);
+                self.metrics.record("applied", self.generation());
+                Ok(())
+            }
+            Err(e) => {
+                self.rejected(&e);
+                self.metrics.record("rejected", self.generation());
+                Err(e)
+            }
+        }
+    }
+
+    fn texts_in_force(&self) -> Texts {
+        self.texts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn take(&self, texts: Texts, loaded: super::Loaded) -> &'static str {
+        for w in &loaded.warnings {
+            warn!("policy {w}");
+        }
+        let n = loaded.authorization.len();
+        let peer = loaded.peer_authentication.len();
+        self.current.store(Arc::new(InForce {
+            authorization: loaded.authorization,
+            peer_authentication: loaded.peer_authentication,
+        }));
+        *self.texts.lock().unwrap_or_else(PoisonError::into_inner) = texts;
+        self.generation.send_modify(|g| *g += 1);
+        info!(
+            generation = self.generation(),
+            policies = n,
+            peer_authentication = peer,
+            files = loaded.files.len(),
+            "policies loaded"
+        );
+        "applied"
     }
 
     fn rejected(&self, e: &LoadError) -> &'static str {

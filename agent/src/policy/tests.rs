@@ -628,3 +628,88 @@ fn ten_thousand_documents_in_one_file_load_and_more_are_refused_by_name() {
     );
     assert!(e.contains("at most 10000 documents"), "{e}");
 }
+
+#[test]
+fn service_accounts_match_any_trust_domain_and_exclude_principals() {
+    let l = policies(&allow(
+        "by-sa",
+        "  - {from: [{source: {serviceAccounts: [shop/cart]}}]}\n",
+    ));
+    assert!(conn("shop", "cart").allowed(&l));
+    let mut other_domain = conn("shop", "cart");
+    other_domain.src = Some(Identity::new("other.example", "shop", "cart"));
+    assert!(other_domain.allowed(&l));
+    assert!(!conn("shop", "carts").allowed(&l));
+    assert!(!conn("other", "cart").allowed(&l));
+    let l = policies(&allow(
+        "not-sa",
+        "  - {from: [{source: {notServiceAccounts: [shop/cart]}}]}\n",
+    ));
+    assert!(!conn("shop", "cart").allowed(&l));
+    assert!(conn("shop", "orders").allowed(&l));
+    let l = policies(&allow(
+        "when-sa",
+        "  - {when: [{key: source.serviceAccount, values: [shop/orders]}]}\n",
+    ));
+    assert!(conn("shop", "orders").allowed(&l));
+    assert!(!conn("shop", "cart").allowed(&l));
+
+    let e = errors(&allow(
+        "both",
+        "  - {from: [{source: {serviceAccounts: [shop/cart], namespaces: [shop]}}]}\n",
+    ));
+    assert!(
+        e.contains("serviceAccounts: cannot be set with namespaces or principals"),
+        "{e}"
+    );
+    for bad in ["shop", "shop/*", "*/cart", "a/b/c"] {
+        let e = errors(&allow(
+            "bad",
+            &format!("  - {{from: [{{source: {{serviceAccounts: [\"{bad}\"]}}}}]}}\n"),
+        ));
+        assert!(
+            e.contains("namespace/name, without wildcards"),
+            "{bad}: {e}"
+        );
+    }
+}
+
+#[test]
+fn waypoint_and_custom_policies_are_left_out_with_a_warning() {
+    let text = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: at-waypoint, namespace: shop}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  action: DENY
+  rules: [{}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ext-authz, namespace: shop}
+spec:
+  action: CUSTOM
+  provider: {name: opa}
+  rules: [{}]
+";
+    let l = policies(text);
+    assert!(l.authorization.is_empty(), "{:?}", l.authorization.names());
+    let warnings: Vec<String> = l.warnings.iter().map(ToString::to_string).collect();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("spec.targetRefs") && w.contains("left out")),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("spec.action") && w.contains("CUSTOM")),
+        "{warnings:?}"
+    );
+    // Everyone is still allowed: nothing was enforced.
+    assert!(conn("shop", "cart").allowed(&l));
+    let e =
+        errors(&allow("provider", "  - {}\n").replace("spec:", "spec:\n  provider: {name: opa}"));
+    assert!(e.contains("only with action CUSTOM"), "{e}");
+}

@@ -227,6 +227,7 @@ mod tests {
                     node: "n".into(),
                     netns: None,
                     uid: None,
+                    workload: None,
                 }),
                 addr: SocketAddr::from(([10, 0, 0, i], 80)),
             })

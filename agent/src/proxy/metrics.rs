@@ -82,13 +82,13 @@ impl Peer {
     pub fn pod(pod: &Pod, identity: &Identity) -> Self {
         let label = |keys: &[&str]| keys.iter().find_map(|k| pod.labels.get(*k)).cloned();
         Self {
-            workload: pod.name.as_str().into(),
+            workload: pod.workload().into(),
             canonical_service: label(&[
                 "service.istio.io/canonical-name",
                 "app.kubernetes.io/name",
                 "app",
             ])
-            .unwrap_or_else(|| pod.name.clone())
+            .unwrap_or_else(|| pod.workload().to_owned())
             .into(),
             canonical_revision: label(&[
                 "service.istio.io/canonical-revision",
@@ -404,6 +404,7 @@ mod tests {
             node: "n".into(),
             netns: None,
             uid: None,
+            workload: None,
         }
     }
 

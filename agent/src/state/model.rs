@@ -34,6 +34,11 @@ pub struct Pod {
     /// the Kubernetes API never knows it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<PathBuf>,
+    /// The workload the pod belongs to, as Istio names it (a Deployment,
+    /// not its ReplicaSet; a CronJob, not its Job): the `*_workload`
+    /// metric labels. Unset: the pod's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
 }
 
 fn default_service_account() -> String {
@@ -46,6 +51,11 @@ impl Pod {
             namespace: self.namespace.clone(),
             name: self.name.clone(),
         }
+    }
+
+    /// The pod's workload name (see [`Pod::workload`]).
+    pub fn workload(&self) -> &str {
+        self.workload.as_deref().unwrap_or(&self.name)
     }
 
     pub fn app(&self) -> &str {

@@ -399,6 +399,7 @@ mod tests {
             node: node.into(),
             netns: None,
             uid: None,
+            workload: None,
         })
     }
 

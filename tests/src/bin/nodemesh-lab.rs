@@ -1,10 +1,10 @@
 //! `nodemesh-lab`: the virtual cluster's tool. `demo` and `bench` run on
 //! the host; the other commands are what pods run.
-use std::{os::unix::process::CommandExt as _, path::PathBuf};
+use std::{net::SocketAddr, os::unix::process::CommandExt as _, path::PathBuf};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
-use nodemesh_lab::{bench, bench_client, demo, workload};
+use nodemesh_lab::{apiserver, bench, bench_client, demo, workload};
 
 #[derive(Parser)]
 #[command(name = "nodemesh-lab", about = "nodemesh virtual cluster")]
@@ -32,6 +32,9 @@ enum Cmd {
         /// Only the abuse phase (agent memory), printed as JSON.
         #[arg(long)]
         abuse_only: bool,
+        /// Only the agent's memory with a large cluster in the API, as JSON.
+        #[arg(long)]
+        api_memory_only: bool,
     },
     /// Join a cgroup and a network namespace, then exec the command.
     PodExec {
@@ -79,6 +82,17 @@ enum Cmd {
         /// The CONNECT authority for the HTTP/2 modes.
         #[arg(long, default_value = "10.244.1.10:8080")]
         authority: String,
+    },
+    /// A FAKE of the Kubernetes API server, its state the files of
+    /// DIR/objects; writes DIR/kubeconfig once it listens. Runs until killed.
+    Apiserver {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        listen: SocketAddr,
+        /// A policy group to serve (AuthorizationPolicy, PeerAuthentication).
+        #[arg(long)]
+        group: Vec<String>,
     },
     /// A demo shop service: serves, and calls its dependencies.
     Shop {
@@ -200,7 +214,8 @@ fn main() -> Result<()> {
             secs,
             out,
             abuse_only,
-        } => bench::run(secs, &out, abuse_only),
+            api_memory_only,
+        } => bench::run(secs, &out, abuse_only, api_memory_only),
         Cmd::Serve { port } => {
             raise_fd_limit();
             runtime()?.block_on(workload::serve(port))
@@ -277,6 +292,9 @@ fn main() -> Result<()> {
             ))?;
             println!("{v}");
             Ok(())
+        }
+        Cmd::Apiserver { dir, listen, group } => {
+            runtime()?.block_on(apiserver::serve(&dir, listen, &group))
         }
         Cmd::Shop { port, call, rate } => {
             raise_fd_limit();

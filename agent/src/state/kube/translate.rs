@@ -150,8 +150,9 @@ pub fn translate_pod(pod: &core::Pod) -> Result<Option<PodRecord>, TranslateErro
     }
     ips.dedup();
     let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let workload = workload_name(&pod.metadata);
     let record = PodRecord {
-        workload_name: workload_name(&pod.metadata),
+        workload_name: workload.clone(),
         created: pod.metadata.creation_timestamp.clone(),
         pod: Arc::new(Pod {
             name,
@@ -165,6 +166,7 @@ pub fn translate_pod(pod: &core::Pod) -> Result<Option<PodRecord>, TranslateErro
             ips,
             node,
             netns: None,
+            workload: Some(workload),
         }),
     };
     Ok(Some(record))
@@ -213,17 +215,22 @@ pub fn workload_name(meta: &ObjectMeta) -> String {
 /// enabled`), and not opted out by its own (`istio.io/dataplane-mode: none`
 /// or `nodemesh.dev/mesh: disabled`), which wins.
 pub fn is_meshed(pod_labels: &Labels, namespace_labels: Option<&Labels>) -> bool {
-    let label = |labels: &Labels, key: &str, value: &str| {
-        labels.get(key).map(String::as_str) == Some(value)
-    };
     let opted_in = |labels: &Labels| {
         label(labels, DATAPLANE_MODE_LABEL, "ambient") || label(labels, MESH_LABEL, "enabled")
     };
-    if label(pod_labels, DATAPLANE_MODE_LABEL, "none") || label(pod_labels, MESH_LABEL, "disabled")
-    {
+    if opted_out(pod_labels) {
         return false;
     }
     opted_in(pod_labels) || namespace_labels.is_some_and(opted_in)
+}
+
+fn label(labels: &Labels, key: &str, value: &str) -> bool {
+    labels.get(key).map(String::as_str) == Some(value)
+}
+
+/// Out of the mesh by its own labels, whatever its namespace says.
+fn opted_out(pod_labels: &Labels) -> bool {
+    label(pod_labels, DATAPLANE_MODE_LABEL, "none") || label(pod_labels, MESH_LABEL, "disabled")
 }
 
 /// What the workload state holds for a pod key.
@@ -248,6 +255,14 @@ pub fn place_pod(
         None => PodPlacement::Absent,
         Some(r) if is_meshed(&r.pod.labels, namespace_labels) => {
             PodPlacement::Meshed(r.pod.clone())
+        }
+        // A local pod of a namespace not seen yet (its watch may lag the
+        // pod's) is held back, neither in nor out: its CNI ADD waits for
+        // the namespace instead of letting the pod start outside the mesh.
+        Some(r)
+            if r.pod.node == node && namespace_labels.is_none() && !opted_out(&r.pod.labels) =>
+        {
+            PodPlacement::Absent
         }
         Some(r) if r.pod.node == node => PodPlacement::OutOfMesh(r.pod.clone()),
         Some(_) => PodPlacement::Absent,

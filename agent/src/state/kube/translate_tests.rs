@@ -331,6 +331,32 @@ fn non_meshed_pod_is_out_of_mesh_locally_and_absent_elsewhere() {
     assert_eq!(place_pod(None, Some(&ns), "node-a"), PodPlacement::Absent);
 }
 
+#[test]
+fn local_pod_of_a_namespace_not_seen_yet_is_held_until_it_is() {
+    let record = pod_record(fixtures::pod()).expect("a pod");
+    // Unknown namespace: neither in nor out (an ADD waits).
+    assert_eq!(
+        place_pod(Some(&record), None, "node-a"),
+        PodPlacement::Absent
+    );
+    // Known, not meshed: out, answered at once.
+    let plain = Labels::new();
+    assert_eq!(
+        place_pod(Some(&record), Some(&plain), "node-a"),
+        PodPlacement::OutOfMesh(record.pod.clone())
+    );
+    // Opted out by its own label: out, whatever the namespace.
+    let v = with(
+        fixtures::pod(),
+        &[("/metadata/labels/istio.io~1dataplane-mode", json!("none"))],
+    );
+    let opted_out = pod_record(v).expect("a pod");
+    assert_eq!(
+        place_pod(Some(&opted_out), None, "node-a"),
+        PodPlacement::OutOfMesh(opted_out.pod.clone())
+    );
+}
+
 // -------------------------------------------------------------- services
 
 fn service_record(v: Value) -> Option<ServiceRecord> {
