@@ -250,7 +250,10 @@ fn setup() -> Result<OsString> {
 
 /// Debian packages the root tests use, with the files they need from each:
 /// the metrics test's Prometheus, the CNI test's reference plugins.
-const DEBIAN_PACKAGES: [(&str, &[&str]); 2] = [
+const DEBIAN_PACKAGES: [(&str, &[&str]); 3] = [
+    // The manifests check's venv, the import-cycle tool and the CNI test's
+    // unprivileged client.
+    ("python3-minimal", &["/usr/bin/python3"]),
     ("prometheus", &["/usr/bin/prometheus", "/usr/bin/promtool"]),
     (
         "containernetworking-plugins",
@@ -280,20 +283,7 @@ fn install_debian(package: &str, files: &[&str]) -> Result<()> {
         );
         return Ok(());
     }
-    let install = || {
-        let mut cmd = Command::new("apt-get");
-        cmd.args(["install", "-y", "--no-install-recommends", package])
-            .env("DEBIAN_FRONTEND", "noninteractive");
-        eprintln!("+ {cmd:?}");
-        cmd.status()
-            .with_context(|| format!("could not start {cmd:?}"))
-    };
-    let mut status = install()?;
-    if !status.success() {
-        // Most often a stale package index.
-        run(Command::new("apt-get").arg("update"))?;
-        status = install()?;
-    }
+    let status = apt_install(package)?;
     match (present(), status.success()) {
         (true, true) => Ok(()),
         // A package's postinst may start a service, which fails where
@@ -307,6 +297,25 @@ fn install_debian(package: &str, files: &[&str]) -> Result<()> {
             files.join(" or ")
         ),
     }
+}
+
+/// `apt-get install` of one package (as root), after an index update if the
+/// first try fails (a fresh machine's index is stale or empty).
+fn apt_install(package: &str) -> Result<std::process::ExitStatus> {
+    let install = || {
+        let mut cmd = Command::new("apt-get");
+        cmd.args(["install", "-y", "--no-install-recommends", package])
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        eprintln!("+ {cmd:?}");
+        cmd.status()
+            .with_context(|| format!("could not start {cmd:?}"))
+    };
+    let status = install()?;
+    if status.success() {
+        return Ok(status);
+    }
+    run(Command::new("apt-get").arg("update"))?;
+    install()
 }
 
 fn cargo(root: &Path, path: &OsString) -> Command {

@@ -96,9 +96,7 @@ pub fn tools() -> Result<Tools> {
             bail!("`{python} -m venv` failed: as root, apt-get install python3-venv");
         }
         let _ = fs::remove_dir_all(&venv);
-        run(Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", "python3-venv"])
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        crate::apt_install("python3-venv")?;
         if !make_venv() {
             bail!("`{python} -m venv {}` failed", venv.display());
         }
