@@ -238,7 +238,7 @@ impl ApiServer {
         let key =
             rustls_pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into());
         let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
+            rustls::crypto::aws_lc_rs::default_provider(),
         ))
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()

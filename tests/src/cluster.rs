@@ -975,6 +975,33 @@ impl Cluster {
         cmd
     }
 
+    /// Any program in a pod (its cgroup and netns), e.g. iperf3.
+    pub fn pod_program(&self, pod: &str, program: &str, args: &[&str]) -> Command {
+        let p = self.pod(pod);
+        let mut cmd = Command::new(&self.lab_bin);
+        cmd.arg("pod-exec")
+            .arg("--cgroup")
+            .arg(&p.cgroup)
+            .arg("--netns")
+            .arg(format!("/run/netns/{}", p.netns))
+            .arg("--")
+            .arg(program)
+            .args(args);
+        cmd
+    }
+
+    /// Starts a program in a pod in the background (killed with the
+    /// cluster), without waiting for it: the caller checks it serves.
+    pub fn spawn_program_in_pod(
+        &mut self,
+        pod: &str,
+        program: &str,
+        args: &[&str],
+    ) -> Result<PathBuf> {
+        let cmd = self.pod_program(pod, program, args);
+        self.spawn_background(cmd, &format!("{pod}-{}", self.background.len()))
+    }
+
     /// The same for the fabric (the node-to-node link), e.g. a capture.
     pub fn fabric_command(&self, args: &[&str]) -> Command {
         self.command_in(

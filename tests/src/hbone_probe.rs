@@ -59,7 +59,28 @@ impl ServerCertVerifier for AcceptAnyServer {
 }
 
 fn tls_config(cert: Option<&WorkloadCert>) -> Result<rustls::ClientConfig> {
-    let b = rustls::ClientConfig::builder_with_provider(nodemesh_agent::tls::provider())
+    tls_config_with(cert, nodemesh_agent::tls::provider())
+}
+
+/// A client like ztunnel with `COMPLIANCE_POLICY=pqc`: X25519MLKEM768 as
+/// its only key exchange, AES-256 listed first.
+fn pqc_only_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider, kx_group};
+    Arc::new(rustls::crypto::CryptoProvider {
+        kx_groups: vec![kx_group::X25519MLKEM768],
+        cipher_suites: vec![
+            cipher_suite::TLS13_AES_256_GCM_SHA384,
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+        ],
+        ..default_provider()
+    })
+}
+
+fn tls_config_with(
+    cert: Option<&WorkloadCert>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<rustls::ClientConfig> {
+    let b = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AcceptAnyServer));
@@ -120,7 +141,9 @@ pub const FORGED_FORWARDED: &str = "for=\"6.6.6.6:4444\"";
 
 /// Runs one probe; `mode` is one of plaintext, http1, no-cert, other-ca,
 /// rapid-reset, continuation-flood, big-header, connect (one CONNECT to
-/// `authority` with a valid certificate; reports the status).
+/// `authority` with a valid certificate; reports the status),
+/// connect-pqc-only (the same as a client offering only X25519MLKEM768;
+/// reports the key exchange and suite agreed too).
 pub async fn run(
     to: SocketAddr,
     mode: &str,
@@ -177,13 +200,28 @@ pub async fn run(
                 ca.context("abuse modes need --ca-cert and --ca-key (a valid peer)")?;
             let ca = FileCa::load(cert, key, Duration::from_secs(3600))?;
             let cert = ca.sign(&Identity::new("cluster.local", "shop", "client"))?;
-            let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(Some(&cert))?));
+            let provider = match abuse {
+                "connect-pqc-only" => pqc_only_provider(),
+                _ => nodemesh_agent::tls::provider(),
+            };
+            let connector =
+                tokio_rustls::TlsConnector::from(Arc::new(tls_config_with(Some(&cert), provider)?));
             let tls = connector
                 .connect(ServerName::IpAddress(to.ip().into()), tcp)
                 .await
                 .context("TLS with a valid certificate")?;
-            if abuse == "connect" {
-                return Ok(connect_status(tls, authority).await);
+            if abuse == "connect" || abuse == "connect-pqc-only" {
+                let session = tls.get_ref().1;
+                let group = session
+                    .negotiated_key_exchange_group()
+                    .map(|g| format!("{:?}", g.name()));
+                let suite = session
+                    .negotiated_cipher_suite()
+                    .map(|s| format!("{:?}", s.suite()));
+                let mut v = connect_status(tls, authority).await;
+                v["key_exchange"] = json!(group);
+                v["suite"] = json!(suite);
+                return Ok(v);
             }
             let (r, mut w) = tokio::io::split(tls);
             let reader = tokio::spawn(until_closed(r, Duration::from_secs(20)));

@@ -118,6 +118,30 @@ fn hbone_probe(c: &Cluster, mode: &str) -> Value {
     c.hbone_probe("outsider", "server-remote", mode, &remote(c))
 }
 
+/// A peer offering only the post-quantum key exchange (ztunnel with
+/// `COMPLIANCE_POLICY=pqc`) gets HBONE served; the agent's own pool agrees
+/// on it too (its client offers it first).
+#[test]
+fn a_post_quantum_only_peer_is_served() {
+    let c = cluster(None);
+    let r = hbone_probe(&c, "connect-pqc-only");
+    assert_eq!(r["status"], "200", "{r}");
+    assert_eq!(r["key_exchange"], "X25519MLKEM768", "{r}");
+    // The server's suite preference holds against a client listing
+    // AES-256 first.
+    assert_eq!(r["suite"], "TLS13_AES_128_GCM_SHA256", "{r}");
+    assert_eq!(probe(&c, "client", &remote(&c))["result"], "ok");
+    let log = c.agent_log(0);
+    let opened = log
+        .lines()
+        .find(|l| l.contains("HBONE connection opened"))
+        .expect("node 0's agent logged its HBONE connection");
+    assert!(
+        opened.contains("X25519MLKEM768") && opened.contains("TLS13_AES_128_GCM_SHA256"),
+        "{opened}"
+    );
+}
+
 #[test]
 fn bad_peers_on_15008_are_refused_with_the_reason_logged() {
     let c = cluster(None);

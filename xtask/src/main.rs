@@ -250,7 +250,7 @@ fn setup() -> Result<OsString> {
 
 /// Debian packages the root tests use, with the files they need from each:
 /// the metrics test's Prometheus, the CNI test's reference plugins.
-const DEBIAN_PACKAGES: [(&str, &[&str]); 3] = [
+const DEBIAN_PACKAGES: [(&str, &[&str]); 6] = [
     // The manifests check's venv, the import-cycle tool and the CNI test's
     // unprivileged client.
     ("python3-minimal", &["/usr/bin/python3"]),
@@ -259,6 +259,11 @@ const DEBIAN_PACKAGES: [(&str, &[&str]); 3] = [
         "containernetworking-plugins",
         &["/usr/lib/cni/bridge", "/usr/lib/cni/host-local"],
     ),
+    // The bench's standard-tool runs across nodes, and profiling the agents
+    // (`perf record -p`; docs/architecture.md, "Cross-node HBONE").
+    ("iperf3", &["/usr/bin/iperf3"]),
+    ("sockperf", &["/usr/bin/sockperf"]),
+    ("linux-perf", &["/usr/bin/perf"]),
 ];
 
 /// The Debian packages whose files are missing. Only root can install

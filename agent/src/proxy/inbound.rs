@@ -121,8 +121,11 @@ async fn serve_connection(
     let refused =
         |code: &'static str, reason: String| ProxyError::TlsHandshake { peer, code, reason };
     let handshake_timeout = inputs.config.sockets.connect_timeout.max(HANDSHAKE_TIMEOUT);
-    let tls = match tokio::time::timeout(handshake_timeout, TlsAcceptor::from(server).accept(tcp))
-        .await
+    let tls = match tokio::time::timeout(
+        handshake_timeout,
+        TlsAcceptor::from(server).accept(super::read_buffer::ReadBuffered::new(tcp)),
+    )
+    .await
     {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => return Err(refused(failure_reason(&e), e.to_string())),

@@ -17,6 +17,7 @@ pub mod limits;
 pub mod metrics;
 pub mod outbound;
 pub mod pool;
+mod read_buffer;
 mod splice;
 
 use std::{

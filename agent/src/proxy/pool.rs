@@ -440,7 +440,7 @@ impl Pool {
         let name = ServerName::IpAddress(dst.ip().into());
         let tls = tokio::time::timeout(
             self.sockets.connect_timeout,
-            TlsConnector::from(config).connect(name, tcp),
+            TlsConnector::from(config).connect(name, super::read_buffer::ReadBuffered::new(tcp)),
         )
         .await
         .map_err(|_| ProxyError::HboneTimeout { addr: dst })?
@@ -449,13 +449,14 @@ impl Pool {
             code: crate::tls::failure_reason(&e),
             reason: e.to_string(),
         })?;
+        let (key_exchange, suite) = crate::tls::negotiated(tls.get_ref().1);
         let (send, mut connection) = h2_client()
             .handshake(tls)
             .await
             .map_err(|source| ProxyError::Hbone { addr: dst, source })?;
         let mut ping_pong = connection.ping_pong();
         self.opened.fetch_add(1, Ordering::Relaxed);
-        info!(src = %src.identity, %dst, %expected, "HBONE connection opened");
+        info!(src = %src.identity, %dst, %expected, key_exchange, suite, "HBONE connection opened");
         let (every, timeout) = (self.ping_every, self.ping_timeout);
         let driver = async move {
             tokio::select! {

@@ -270,3 +270,138 @@ fn a_ca_key_that_is_not_the_certificates_is_refused() {
         "{err}"
     );
 }
+
+/// What a handshake agreed on, done in memory with rustls' own
+/// connections: key exchange, suite, and whether it took a retry.
+fn negotiate(
+    server: rustls::ServerConfig,
+    client: rustls::ClientConfig,
+) -> Result<
+    (
+        rustls::NamedGroup,
+        rustls::CipherSuite,
+        rustls::HandshakeKind,
+    ),
+    rustls::Error,
+> {
+    let name = ServerName::IpAddress(std::net::Ipv4Addr::new(10, 0, 0, 1).into());
+    let mut c = rustls::ClientConnection::new(Arc::new(client), name)?;
+    let mut s = rustls::ServerConnection::new(Arc::new(server))?;
+    let mut wire = Vec::new();
+    for _ in 0..10 {
+        if !c.is_handshaking() && !s.is_handshaking() {
+            let group = c.negotiated_key_exchange_group().map(|g| g.name());
+            let suite = c.negotiated_cipher_suite().map(|s| s.suite());
+            let kind = c.handshake_kind();
+            return Ok((group.unwrap(), suite.unwrap(), kind.unwrap()));
+        }
+        wire.clear();
+        while c.wants_write() {
+            c.write_tls(&mut wire).unwrap();
+        }
+        s.read_tls(&mut &wire[..]).unwrap();
+        let server_result = s.process_new_packets();
+        wire.clear();
+        while s.wants_write() {
+            s.write_tls(&mut wire).unwrap();
+        }
+        c.read_tls(&mut &wire[..]).unwrap();
+        // The server's reason first: the client only sees its alert.
+        server_result?;
+        c.process_new_packets()?;
+    }
+    panic!("the handshake did not finish");
+}
+
+/// A provider like a peer's that offers only these groups and suites.
+fn peer_provider(
+    groups: Vec<&'static dyn rustls::crypto::SupportedKxGroup>,
+) -> Arc<rustls::crypto::CryptoProvider> {
+    use rustls::crypto::aws_lc_rs::cipher_suite as suite;
+    Arc::new(rustls::crypto::CryptoProvider {
+        kx_groups: groups,
+        // ztunnel's order: AES-256 first.
+        cipher_suites: vec![
+            suite::TLS13_AES_256_GCM_SHA384,
+            suite::TLS13_AES_128_GCM_SHA256,
+        ],
+        ..(*provider()).clone()
+    })
+}
+
+#[test]
+fn two_agents_agree_on_post_quantum_key_exchange_and_aes_128() {
+    let ca = TestCa::new(TD);
+    let (group, suite, kind) = negotiate(
+        server_for(&ca, "orders"),
+        client_with(&ca, &ca.issue(&id("cart")), "orders"),
+    )
+    .unwrap();
+    assert_eq!(group, rustls::NamedGroup::X25519MLKEM768);
+    assert_eq!(suite, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    assert_eq!(kind, rustls::HandshakeKind::Full);
+}
+
+/// A ztunnel with `COMPLIANCE_POLICY=pqc` offers X25519MLKEM768 and nothing
+/// else; with ring, every handshake with it failed (`NoKxGroupsInCommon`).
+#[test]
+fn a_post_quantum_only_peer_is_met_in_both_directions() {
+    use rustls::crypto::aws_lc_rs::kx_group;
+    let ca = TestCa::new(TD);
+    let pqc_only = || peer_provider(vec![kx_group::X25519MLKEM768]);
+    // The peer as client: our server keeps its suite preference.
+    let client = client_config_with(
+        pqc_only(),
+        &ca.issue(&id("cart")),
+        ca.bundle(),
+        id("orders"),
+    )
+    .unwrap();
+    let (group, suite, _) = negotiate(server_for(&ca, "orders"), client).unwrap();
+    assert_eq!(group, rustls::NamedGroup::X25519MLKEM768);
+    assert_eq!(suite, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    // The peer as server.
+    let server = server_config_with(pqc_only(), &ca.issue(&id("orders")), ca.bundle()).unwrap();
+    let (group, _, kind) =
+        negotiate(server, client_with(&ca, &ca.issue(&id("cart")), "orders")).unwrap();
+    assert_eq!(group, rustls::NamedGroup::X25519MLKEM768);
+    assert_eq!(kind, rustls::HandshakeKind::Full);
+    // And a peer with nothing in common fails with the reason.
+    let p384_only = peer_provider(vec![kx_group::SECP384R1]);
+    let client =
+        client_config_with(p384_only, &ca.issue(&id("cart")), ca.bundle(), id("orders")).unwrap();
+    let err = negotiate(server_for(&ca, "orders"), client).unwrap_err();
+    assert!(err.to_string().contains("NoKxGroupsInCommon"), "{err}");
+}
+
+/// A classical peer (X25519 only, as ztunnel by default) costs no retry:
+/// our ClientHello carries an X25519 share beside the hybrid one.
+#[test]
+fn a_classical_peer_is_met_without_a_retry() {
+    use rustls::crypto::aws_lc_rs::kx_group;
+    let ca = TestCa::new(TD);
+    let mut server = server_config_with(
+        peer_provider(vec![kx_group::X25519]),
+        &ca.issue(&id("orders")),
+        ca.bundle(),
+    )
+    .unwrap();
+    // As ztunnel's server (rustls' default): the client's order decides.
+    server.ignore_client_order = false;
+    let (group, suite, kind) =
+        negotiate(server, client_with(&ca, &ca.issue(&id("cart")), "orders")).unwrap();
+    assert_eq!(group, rustls::NamedGroup::X25519);
+    // The client's order is ours: AES-128.
+    assert_eq!(suite, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    assert_eq!(kind, rustls::HandshakeKind::Full);
+    let client = client_config_with(
+        peer_provider(vec![kx_group::X25519]),
+        &ca.issue(&id("cart")),
+        ca.bundle(),
+        id("orders"),
+    )
+    .unwrap();
+    let (group, suite, _) = negotiate(server_for(&ca, "orders"), client).unwrap();
+    assert_eq!(group, rustls::NamedGroup::X25519);
+    assert_eq!(suite, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+}

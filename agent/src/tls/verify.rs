@@ -88,7 +88,7 @@ fn anchors(roots: &[CertificateDer<'_>]) -> Result<Vec<TrustAnchor<'static>>, Er
 }
 
 fn algorithms() -> WebPkiSupportedAlgorithms {
-    rustls::crypto::ring::default_provider().signature_verification_algorithms
+    rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms
 }
 
 fn webpki_error(e: webpki::Error) -> Error {

@@ -35,6 +35,17 @@ enum Cmd {
         /// Only the agent's memory with a large cluster in the API, as JSON.
         #[arg(long)]
         api_memory_only: bool,
+        /// Only the cross-node suite without sockmap (direct, captured,
+        /// meshed): the quick loop for work on HBONE.
+        #[arg(long)]
+        cross_node_only: bool,
+        /// Only the agent's TLS in memory (handshakes, bulk), as JSON.
+        #[arg(long)]
+        tls_only: bool,
+        /// More agent config as YAML lines, e.g. `workerThreads: 1`, to
+        /// measure a setting.
+        #[arg(long, default_value = "")]
+        agent_config: String,
     },
     /// Join a cgroup and a network namespace, then exec the command.
     PodExec {
@@ -215,7 +226,22 @@ fn main() -> Result<()> {
             out,
             abuse_only,
             api_memory_only,
-        } => bench::run(secs, &out, abuse_only, api_memory_only),
+            cross_node_only,
+            tls_only,
+            agent_config,
+        } => {
+            let part = match (abuse_only, api_memory_only, cross_node_only, tls_only) {
+                (false, false, false, false) => bench::Part::All,
+                (true, false, false, false) => bench::Part::Abuse,
+                (false, true, false, false) => bench::Part::ApiMemory,
+                (false, false, true, false) => bench::Part::CrossNode,
+                (false, false, false, true) => bench::Part::Tls,
+                _ => anyhow::bail!(
+                    "bench: choose at most one of --abuse-only, --api-memory-only, --cross-node-only, --tls-only"
+                ),
+            };
+            bench::run(secs, &out, part, &agent_config)
+        }
         Cmd::Serve { port } => {
             raise_fd_limit();
             runtime()?.block_on(workload::serve(port))

@@ -90,7 +90,7 @@ impl FakeApiServer {
         let key =
             rustls_pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into());
         let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
+            rustls::crypto::aws_lc_rs::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .expect("protocol versions")

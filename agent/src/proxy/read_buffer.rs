@@ -1,0 +1,139 @@
+//! A read buffer under rustls. rustls 0.23 asks its transport for at most
+//! 4 KiB at a time (its deframer grows by `READ_SIZE` = 4096), so a 16 KiB
+//! record arriving over a bare socket costs four or five `recv()` calls,
+//! each through tokio's readiness machinery. Reading the socket in large
+//! pieces and handing rustls slices of them costs one copy in memory and
+//! saves the calls (measured: docs/architecture.md, "Bytes").
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Bytes read from the socket per `recv()`: four full TLS records.
+const READ_SIZE: usize = 64 * 1024;
+
+/// `io` with reads buffered; writes go straight through (rustls already
+/// hands them over as one vectored write per batch of records).
+pub struct ReadBuffered<T> {
+    io: T,
+    /// Allocated at the first read, so an idle connection holds none.
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl<T> ReadBuffered<T> {
+    pub fn new(io: T) -> Self {
+        Self {
+            io,
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ReadBuffered<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.start == this.end {
+            // A caller asking for as much as the buffer holds gains nothing
+            // from a copy.
+            if out.remaining() >= READ_SIZE {
+                return Pin::new(&mut this.io).poll_read(cx, out);
+            }
+            if this.buf.is_empty() {
+                this.buf = vec![0; READ_SIZE];
+            }
+            let mut into = ReadBuf::new(&mut this.buf);
+            ready!(Pin::new(&mut this.io).poll_read(cx, &mut into))?;
+            this.start = 0;
+            this.end = into.filled().len();
+            if this.end == 0 {
+                // End of stream: nothing put in `out` says so.
+                return Poll::Ready(Ok(()));
+            }
+        }
+        let n = out.remaining().min(this.end - this.start);
+        out.put_slice(&this.buf[this.start..this.start + n]);
+        this.start += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ReadBuffered<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// Small reads are served from one large read, in order, to the end;
+    /// large reads and writes pass through.
+    #[tokio::test]
+    async fn bytes_arrive_intact_in_any_read_size() {
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            a.write_all(&sent).await.unwrap();
+            a.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            a.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut r = ReadBuffered::new(b);
+        let mut got = Vec::new();
+        let mut sizes = [1usize, 4096, 17, READ_SIZE, 3 * READ_SIZE, 100]
+            .into_iter()
+            .cycle();
+        loop {
+            let mut chunk = vec![0u8; sizes.next().unwrap()];
+            let n = r.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(got, data);
+        r.write_all(b"done").await.unwrap();
+        r.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), b"done");
+    }
+}
