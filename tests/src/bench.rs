@@ -313,7 +313,27 @@ fn start_standard_servers(c: &mut Cluster, pod: &str) -> Result<()> {
         "sockperf",
         &["server", "--tcp", "-i", &ip, "-p", SOCKPERF_PORT],
     )?;
-    Ok(())
+    // Listening before any client runs: both ports in the pod's table.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let listening = tool_output(c, pod, "ss", &["-Hltn"])?;
+        let has = |port: &str| {
+            listening.lines().any(|l| {
+                l.split_whitespace()
+                    .nth(3)
+                    .is_some_and(|a| a.ends_with(&format!(":{port}")))
+            })
+        };
+        if has(IPERF3_PORT) && has(SOCKPERF_PORT) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "iperf3 and sockperf were not listening in {pod} after 10 s:\n{listening}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Runs a standard tool in a pod; its stdout, or why it failed.

@@ -1,13 +1,13 @@
-//! A read buffer under rustls. rustls 0.23 asks its transport for at most
-//! 4 KiB at a time (its deframer grows by `READ_SIZE` = 4096), so a 16 KiB
-//! record arriving over a bare socket costs four or five `recv()` calls,
-//! each through tokio's readiness machinery. Reading the socket in large
-//! pieces and handing rustls slices of them costs one copy in memory and
-//! saves the calls (measured: docs/architecture.md, "Bytes").
+//! A read buffer under rustls. rustls 0.23 reads its transport into a
+//! deframer buffer of about one record (~18 KiB; grown 4 KiB at a time from
+//! empty), so a busy HBONE socket costs a `recv()` per record or more, each
+//! through tokio's readiness machinery. Reading the socket in larger pieces
+//! and handing rustls slices of them costs one copy in memory and saves
+//! calls (measured: docs/architecture.md, "Bytes").
 use std::{
     io,
     pin::Pin,
-    task::{Context, Poll, ready},
+    task::{Context, Poll},
 };
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -19,7 +19,8 @@ const READ_SIZE: usize = 64 * 1024;
 /// hands them over as one vectored write per batch of records).
 pub struct ReadBuffered<T> {
     io: T,
-    /// Allocated at the first read, so an idle connection holds none.
+    /// Allocated when a read needs it and freed whenever it is empty and
+    /// the socket has nothing more, so an idle connection holds none.
     buf: Vec<u8>,
     start: usize,
     end: usize,
@@ -53,7 +54,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadBuffered<T> {
                 this.buf = vec![0; READ_SIZE];
             }
             let mut into = ReadBuf::new(&mut this.buf);
-            ready!(Pin::new(&mut this.io).poll_read(cx, &mut into))?;
+            let Poll::Ready(read) = Pin::new(&mut this.io).poll_read(cx, &mut into) else {
+                // Drained: waiting costs no memory (the allocator has a
+                // freed 64 KiB ready for the next read).
+                this.buf = Vec::new();
+                return Poll::Pending;
+            };
+            read?;
             this.start = 0;
             this.end = into.filled().len();
             if this.end == 0 {
@@ -135,5 +142,26 @@ mod tests {
         r.write_all(b"done").await.unwrap();
         r.shutdown().await.unwrap();
         assert_eq!(writer.await.unwrap(), b"done");
+    }
+
+    /// A connection waiting for bytes holds no buffer; it reads on after.
+    #[tokio::test]
+    async fn a_drained_connection_holds_no_buffer() {
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        let mut r = ReadBuffered::new(b);
+        a.write_all(&[7u8; 10_000]).await.unwrap();
+        let mut small = [0u8; 4096];
+        let mut got = 0;
+        while got < 10_000 {
+            got += r.read(&mut small).await.unwrap();
+        }
+        assert!(r.buf.capacity() > 0, "the reads went through the buffer");
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut out = ReadBuf::new(&mut small);
+        assert!(Pin::new(&mut r).poll_read(&mut cx, &mut out).is_pending());
+        assert_eq!(r.buf.capacity(), 0);
+        a.write_all(b"more").await.unwrap();
+        let n = r.read(&mut small).await.unwrap();
+        assert_eq!(&small[..n], b"more");
     }
 }

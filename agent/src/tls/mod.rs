@@ -24,21 +24,22 @@ use crate::identity::{CaError, CertManager, Identity, WorkloadCert};
 
 pub const ALPN_H2: &[u8] = b"h2";
 
-/// The HBONE provider: TLS 1.3 AES-GCM suites only (as ztunnel), the key
-/// exchanges and everything else from aws-lc-rs.
+/// The HBONE provider: TLS 1.3 AES-GCM suites only (as ztunnel).
 ///
-/// - Suites: ring's, AES-128 first. Measured in memory (`cargo xtask bench`,
-///   both sides): ring's AES-128-GCM costs a quarter less than aws-lc-rs's
-///   on a CPU with VAES but no AVX-512 (ring has a VAES-AVX2 path, aws-lc
-///   only AVX-512 and AES-NI ones), and AES-128 a tenth less than AES-256
-///   (fewer rounds, same GHASH). The server's order decides
-///   (`ignore_client_order`), so a ztunnel peer, which lists AES-256
-///   first, gets AES-128 too.
-/// - Key exchange: post-quantum X25519MLKEM768 first (ring has none), so
-///   two nodemesh agents agree on it, and so does a ztunnel with
-///   `COMPLIANCE_POLICY=pqc`, which offers nothing else; the ClientHello
-///   carries an X25519 share beside it for free, so a classical peer costs
-///   no extra round trip.
+/// - Suites: ring's (the record cipher and the key schedule's hash and
+///   HKDF), AES-128 first. Measured in memory (`cargo xtask bench`, both
+///   sides, suites taking turns): ring's AES-128-GCM 0.46-0.58 s/GiB
+///   against aws-lc-rs's 0.74-1.14 on a CPU with VAES but no AVX-512 (ring
+///   has a VAES-AVX2 path, aws-lc only AVX-512 and AES-NI ones); AES-256
+///   never cheaper than AES-128 (fewer rounds, same GHASH). The server's
+///   order decides (`ignore_client_order`), so a ztunnel peer, which lists
+///   AES-256 first, gets AES-128 too.
+/// - Key exchange, signatures, randomness: aws-lc-rs. Post-quantum
+///   X25519MLKEM768 first (ring has none), so two nodemesh agents agree on
+///   it, and so does a ztunnel with `COMPLIANCE_POLICY=pqc`, which offers
+///   nothing else; the ClientHello carries an X25519 share beside it for
+///   free, so a classical peer costs no extra round trip. Then the groups
+///   ring offered (X25519, P-256, P-384).
 pub fn provider() -> Arc<CryptoProvider> {
     use aws_lc_rs::kx_group;
     Arc::new(CryptoProvider {
@@ -50,6 +51,7 @@ pub fn provider() -> Arc<CryptoProvider> {
             kx_group::X25519MLKEM768,
             kx_group::X25519,
             kx_group::SECP256R1,
+            kx_group::SECP384R1,
         ],
         ..aws_lc_rs::default_provider()
     })

@@ -87,8 +87,12 @@ fn anchors(roots: &[CertificateDer<'_>]) -> Result<Vec<TrustAnchor<'static>>, Er
         .collect()
 }
 
+/// The signature algorithms of the HBONE provider, built once (a handshake
+/// asks three times).
 fn algorithms() -> WebPkiSupportedAlgorithms {
-    rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms
+    static ALGORITHMS: std::sync::LazyLock<WebPkiSupportedAlgorithms> =
+        std::sync::LazyLock::new(|| super::provider().signature_verification_algorithms);
+    *ALGORITHMS
 }
 
 fn webpki_error(e: webpki::Error) -> Error {
@@ -195,7 +199,7 @@ pub fn svid_identity(der: &[u8], trust_domain: &str) -> Result<Identity, SvidErr
 }
 
 /// The handshake-signature methods both verifiers share: plain webpki
-/// checks with ring's algorithms.
+/// checks with the provider's algorithms (aws-lc-rs).
 macro_rules! handshake_signatures {
     () => {
         fn verify_tls12_signature(

@@ -214,6 +214,9 @@ fn raise_fd_limit() {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // Both of rustls' providers are built in (nodemesh_agent::tls::provider
+    // takes from each), so rustls picks no process default by itself.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     match cli.command {
         Cmd::PodExec {
             cgroup,
