@@ -1604,38 +1604,11 @@ fn base64(data: &[u8]) -> String {
     out
 }
 
-/// `a=b&c=d%3De` as pairs, percent-decoded.
+/// `a=b&c=d%3De` as pairs, percent-decoded (`+` is a space).
 fn decoded_pairs(query: &str) -> Vec<(String, String)> {
-    query
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(k), percent_decode(v))
-        })
+    form_urlencoded::parse(query.as_bytes())
+        .into_owned()
         .collect()
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok());
-        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-            (b'+', _) => out.push(b' '),
-            (b, _) => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -1883,8 +1856,11 @@ mod tests {
         assert_eq!(base64(b"Ma"), "TWE=");
         assert_eq!(base64(b"M"), "TQ==");
         assert_eq!(
-            percent_decode("spec.nodeName%3Dnode-1+x%"),
-            "spec.nodeName=node-1 x%"
+            decoded_pairs("fieldSelector=spec.nodeName%3Dnode-1+x%"),
+            [(
+                "fieldSelector".to_string(),
+                "spec.nodeName=node-1 x%".to_string()
+            )]
         );
         let mut target = json!({"a": 1, "b": {"c": 2, "d": 3}});
         merge_patch(&mut target, &json!({"a": null, "b": {"c": 4}, "e": [1]}));

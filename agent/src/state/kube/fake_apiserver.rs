@@ -177,8 +177,8 @@ fn respond(script: &Mutex<Script>, req: Request<hyper::body::Incoming>) -> Respo
         .uri()
         .query()
         .map(|q| {
-            url_decoded_pairs(q)
-                .into_iter()
+            form_urlencoded::parse(q.as_bytes())
+                .into_owned()
                 .filter(|(k, _)| !k.is_empty())
                 .collect()
         })
@@ -264,40 +264,4 @@ fn respond(script: &Mutex<Script>, req: Request<hyper::body::Incoming>) -> Respo
 /// An object as a metadata-only request returns it.
 fn partial_metadata(object: &Value) -> Value {
     json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": object["metadata"]})
-}
-
-/// `a=b&c=d%3De` as pairs, percent-decoded.
-fn url_decoded_pairs(query: &str) -> Vec<(String, String)> {
-    query
-        .split('&')
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(k), percent_decode(v))
-        })
-        .collect()
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 3 <= bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
-                match u8::from_str_radix(hex, 16) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 3;
-                        continue;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
