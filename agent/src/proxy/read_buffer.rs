@@ -10,6 +10,7 @@ use std::{
     task::{Context, Poll},
 };
 
+use bytes::{Buf as _, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Bytes read from the socket per `recv()`: four full TLS records.
@@ -19,20 +20,17 @@ const READ_SIZE: usize = 64 * 1024;
 /// hands them over as one vectored write per batch of records).
 pub struct ReadBuffered<T> {
     io: T,
-    /// Allocated when a read needs it and freed whenever it is empty and
-    /// the socket has nothing more, so an idle connection holds none.
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
+    /// Allocated (not zeroed) when a read needs it and freed whenever it is
+    /// empty and the socket has nothing more, so an idle connection holds
+    /// none.
+    buf: BytesMut,
 }
 
 impl<T> ReadBuffered<T> {
     pub fn new(io: T) -> Self {
         Self {
             io,
-            buf: Vec::new(),
-            start: 0,
-            end: 0,
+            buf: BytesMut::new(),
         }
     }
 }
@@ -44,33 +42,29 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadBuffered<T> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.start == this.end {
+        if this.buf.is_empty() {
             // A caller asking for as much as the buffer holds gains nothing
             // from a copy.
             if out.remaining() >= READ_SIZE {
                 return Pin::new(&mut this.io).poll_read(cx, out);
             }
-            if this.buf.is_empty() {
-                this.buf = vec![0; READ_SIZE];
-            }
-            let mut into = ReadBuf::new(&mut this.buf);
-            let Poll::Ready(read) = Pin::new(&mut this.io).poll_read(cx, &mut into) else {
-                // Drained: waiting costs no memory (the allocator has a
-                // freed 64 KiB ready for the next read).
-                this.buf = Vec::new();
-                return Poll::Pending;
-            };
-            read?;
-            this.start = 0;
-            this.end = into.filled().len();
-            if this.end == 0 {
+            // Empty, so this reuses the allocation if there is one.
+            this.buf.reserve(READ_SIZE);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buf) {
+                // Drained: waiting costs no memory.
+                Poll::Pending => {
+                    this.buf = BytesMut::new();
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 // End of stream: nothing put in `out` says so.
-                return Poll::Ready(Ok(()));
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(_)) => {}
             }
         }
-        let n = out.remaining().min(this.end - this.start);
-        out.put_slice(&this.buf[this.start..this.start + n]);
-        this.start += n;
+        let n = out.remaining().min(this.buf.len());
+        out.put_slice(&this.buf[..n]);
+        this.buf.advance(n);
         Poll::Ready(Ok(()))
     }
 }
