@@ -325,6 +325,7 @@ pub async fn build(config: Config, components: Components) -> anyhow::Result<Bou
         access_log,
         metrics: ProxyMetrics::new(&registry),
         drain: Drain::default(),
+        dns: Default::default(),
         local_pods: Default::default(),
     });
     admin.set_config_dump(admin::config_dump(config.clone(), inputs.clone()));

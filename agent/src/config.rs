@@ -158,6 +158,58 @@ pub struct Config {
     /// enrolled from the netns paths of the workload source only.
     #[serde(default)]
     pub cni: Option<CniSettings>,
+    /// What meshed pods may reach outside the mesh (Istio's
+    /// `meshConfig.outboundTrafficPolicy`, same names and meaning).
+    #[serde(default)]
+    pub outbound_traffic_policy: OutboundTrafficPolicy,
+    /// DNS of enrolled pods, answered through the agent (README: "DNS").
+    #[serde(default)]
+    pub dns: DnsSettings,
+}
+
+/// Istio's `outboundTrafficPolicy`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutboundTrafficPolicy {
+    #[serde(default)]
+    pub mode: OutboundMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OutboundMode {
+    /// Destinations outside the mesh and the registry pass (named when the
+    /// registry knows them).
+    #[default]
+    AllowAny,
+    /// Only mesh workloads and services and ServiceEntry hosts; anything
+    /// else is refused (a reset), logged and counted.
+    RegistryOnly,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct DnsSettings {
+    /// Enrolled pods' DNS (UDP and TCP port 53) goes to the agent, which
+    /// forwards it and records the answers per pod.
+    pub capture: bool,
+    /// Where the agent forwards captured queries. Empty: the nameservers
+    /// of the agent's own `/etc/resolv.conf` (as ztunnel's DNS proxy does;
+    /// in a DaemonSet with `dnsPolicy: ClusterFirstWithHostNet`, the
+    /// cluster's DNS).
+    pub upstreams: Vec<std::net::SocketAddr>,
+    /// How long the agent waits for an upstream's answer.
+    pub timeout_ms: u64,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        Self {
+            capture: true,
+            upstreams: Vec::new(),
+            timeout_ms: 5000,
+        }
+    }
 }
 
 /// `cgroupPath`: a directory, or `auto`.

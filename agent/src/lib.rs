@@ -7,6 +7,7 @@ pub mod app;
 pub mod cni;
 pub mod config;
 pub mod datapath;
+pub mod dns;
 pub mod drain;
 pub mod ebpf;
 pub mod enrolment;

@@ -40,6 +40,7 @@ pub use self::{
 };
 use crate::{
     datapath::{Datapath, PodNetwork},
+    dns::DnsRecords,
     drain::Drain,
     identity::Identity,
     policy::{IpBlock, PolicyStore},
@@ -125,6 +126,8 @@ pub struct ProxyInputs {
     pub access_log: AccessLog,
     pub metrics: Arc<ProxyMetrics>,
     pub drain: Drain,
+    /// What each enrolled pod resolved (DNS capture).
+    pub dns: Arc<DnsRecords>,
     /// This node's enrolled pods, republished by enrolment.
     pub local_pods: arc_swap::ArcSwap<HashMap<PodKey, Arc<LocalPod>>>,
 }
