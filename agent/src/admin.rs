@@ -323,7 +323,34 @@ pub fn config_dump(config: Config, inputs: Arc<ProxyInputs>) -> ConfigDump {
             },
             "certificates": certificates,
             "endpoints": inputs.balancer.dump(),
+            "registry": inputs.policies.registry().dump(),
+            "outboundTrafficPolicy": inputs.config.outbound_mode,
+            "dns": dns_dump(&inputs),
         })
+    })
+}
+
+/// What each enrolled pod resolved, by pod (`namespace/name`; a workload
+/// id no enrolled pod has any more as `workload-<id>`), and the upstreams.
+fn dns_dump(inputs: &ProxyInputs) -> serde_json::Value {
+    let local = inputs.local_pods.load();
+    let pod_of = |id: &str| {
+        local
+            .values()
+            .find(|p| p.workload_id.to_string() == id)
+            .map(|p| p.pod.key().to_string())
+            .unwrap_or_else(|| format!("workload-{id}"))
+    };
+    let records: serde_json::Map<String, serde_json::Value> = match inputs.dns.dump() {
+        serde_json::Value::Object(by_id) => {
+            by_id.into_iter().map(|(id, r)| (pod_of(&id), r)).collect()
+        }
+        _ => Default::default(),
+    };
+    serde_json::json!({
+        "capture": inputs.config.dns_capture,
+        "upstreams": inputs.dns_proxy.upstreams(),
+        "records": records,
     })
 }
 

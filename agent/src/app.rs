@@ -14,6 +14,7 @@ use crate::{
     cni::{self, CniMetrics, CniRecords, CniRequest},
     config::Config,
     datapath::{Datapath, PodNetworks},
+    dns::{DnsProxy, DnsRecords},
     drain::Drain,
     ebpf::{Kernel, Settings},
     enrolment::{Enrolment, EnrolmentMetrics},
@@ -23,8 +24,12 @@ use crate::{
     metrics::MetricsRegistry,
     policy::{PolicyMetrics, PolicyStore},
     proxy::{
-        ProxyConfig, ProxyInputs, access_log::AccessLog, balance::Balancer, limits::Limits,
-        metrics::ProxyMetrics, pool::Pool,
+        ProxyConfig, ProxyInputs,
+        access_log::AccessLog,
+        balance::{Balancer, BalancerMetrics, Destination},
+        limits::Limits,
+        metrics::ProxyMetrics,
+        pool::Pool,
     },
     readiness::Readiness,
     state::{FileSourceMetrics, FileWorkloadSource, StateMetrics, WorkloadStore, WorkloadsFile},
@@ -113,19 +118,21 @@ fn kube_policy_source(
 ) -> Option<crate::policy::kube::KubePolicySource> {
     use crate::{
         config::PolicySource,
-        policy::kube::{ISTIO_GROUP, KubePolicySource, NODEMESH_GROUP},
+        policy::kube::{ISTIO_GROUP, KubePolicySource, NETWORKING_GROUP, NODEMESH_GROUP},
     };
-    let (groups, required) = match settings.policies {
+    // (required, optional): Istio's networking group (ServiceEntry,
+    // DestinationRule) is watched where served, never waited for.
+    let (required, optional) = match settings.policies {
         PolicySource::Off => return None,
-        PolicySource::Auto => (vec![ISTIO_GROUP, NODEMESH_GROUP], false),
-        PolicySource::Istio => (vec![ISTIO_GROUP], true),
-        PolicySource::Nodemesh => (vec![NODEMESH_GROUP], true),
+        PolicySource::Auto => (vec![], vec![ISTIO_GROUP, NODEMESH_GROUP, NETWORKING_GROUP]),
+        PolicySource::Istio => (vec![ISTIO_GROUP], vec![NETWORKING_GROUP]),
+        PolicySource::Nodemesh => (vec![NODEMESH_GROUP], vec![]),
     };
     Some(KubePolicySource::start(
         client.clone(),
         policies.clone(),
-        groups,
         required,
+        optional,
         node,
         state_dir.join("policies.json"),
     ))
@@ -263,6 +270,7 @@ pub async fn build(config: Config, components: Components) -> anyhow::Result<Bou
                 socket_mark: config.socket_mark,
                 sockmap: config.sockmap,
                 ebpf_log: config.ebpf_log,
+                dns_capture: config.dns.capture,
             })?);
             registry.own(|r| kernel.register_metrics(r));
             if let Some(logger) = kernel.take_logger() {
@@ -313,11 +321,14 @@ pub async fn build(config: Config, components: Components) -> anyhow::Result<Bou
     let proxy_config = ProxyConfig::from_config(&config);
     let pool = Pool::new(tls.clone(), proxy_config.sockets.clone(), &config.hbone);
     registry.own(|r| pool.register_metrics(r));
+    let dns = Arc::new(DnsRecords::default());
+    let dns_proxy =
+        Arc::new(registry.own(|r| DnsProxy::new(&config.dns, config.socket_mark, dns.clone(), r)));
     let inputs = Arc::new(ProxyInputs {
         config: proxy_config,
         datapath,
         workloads,
-        balancer: Balancer::new(),
+        balancer: Balancer::new(registry.own(BalancerMetrics::new)),
         tls: tls.clone(),
         pool,
         policies: policies.clone(),
@@ -325,7 +336,12 @@ pub async fn build(config: Config, components: Components) -> anyhow::Result<Bou
         access_log,
         metrics: ProxyMetrics::new(&registry),
         drain: Drain::default(),
-        dns: Default::default(),
+        dns,
+        resolver: Arc::new(crate::dns::Resolver::new(
+            dns_proxy.upstreams().to_vec(),
+            std::time::Duration::from_millis(config.dns.timeout_ms),
+        )),
+        dns_proxy,
         local_pods: Default::default(),
     });
     admin.set_config_dump(admin::config_dump(config.clone(), inputs.clone()));
@@ -448,7 +464,12 @@ impl Bound {
                     let workloads = self.inputs.workloads.clone();
                     let services: std::collections::HashSet<_> =
                         workloads.services().iter().map(|s| s.key()).collect();
-                    self.inputs.balancer.retain(|k| services.contains(k));
+                    // Registry hosts stay: the registry changes with the
+                    // policy set, and a host's state is small.
+                    self.inputs.balancer.retain(|k| match k {
+                        Destination::Service(s) => services.contains(s),
+                        Destination::Host(_) => true,
+                    });
                 }
                 _ = verify.tick() => {
                     let recovered = match &self.config.cni {

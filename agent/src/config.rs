@@ -8,19 +8,29 @@ use serde::{Deserialize, Serialize};
 
 use crate::yaml::{self, YamlError};
 
-/// Where a policy set comes from in Kubernetes.
+/// Where a policy set comes from in Kubernetes: the AuthorizationPolicy
+/// and PeerAuthentication objects, and the ServiceEntry and
+/// DestinationRule objects of the egress registry, all as one set.
+/// ServiceEntry and DestinationRule exist only in Istio's
+/// `networking.istio.io/v1` (nodemesh ships no copy of that group); it is
+/// watched whenever the API server serves it, and never waited for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PolicySource {
-    /// Every group of the two that the API server serves (Istio's
-    /// `security.istio.io` and `security.nodemesh.dev`), as one set.
+    /// Every group the API server serves of Istio's `security.istio.io`,
+    /// `security.nodemesh.dev` and Istio's `networking.istio.io`.
     #[default]
     Auto,
-    /// `security.istio.io` only.
+    /// Istio's groups only: `security.istio.io` (waited for) and
+    /// `networking.istio.io` (where served).
     Istio,
-    /// `security.nodemesh.dev` only.
+    /// `security.nodemesh.dev` only (waited for): none of Istio's objects,
+    /// so no ServiceEntry or DestinationRule either; the egress registry
+    /// then holds the mesh's own services only (under REGISTRY_ONLY, no
+    /// third party is reachable). For a cluster whose Istio objects are
+    /// meant for another mesh; use `auto` to have them too.
     Nodemesh,
-    /// No policy objects are watched (policyDir may still be set).
+    /// No objects are watched (policyDir may still be set).
     Off,
 }
 
@@ -35,7 +45,8 @@ pub struct KubernetesSettings {
     /// A kubeconfig file. Unset: the pod's service account (in-cluster).
     #[serde(default)]
     pub kubeconfig: Option<PathBuf>,
-    /// AuthorizationPolicy / PeerAuthentication objects to watch.
+    /// The AuthorizationPolicy / PeerAuthentication and ServiceEntry /
+    /// DestinationRule objects to watch.
     #[serde(default)]
     pub policies: PolicySource,
 }
@@ -455,6 +466,12 @@ impl Config {
             field: field.into(),
             message,
         };
+        if cfg.dns.timeout_ms == 0 {
+            return Err(invalid(
+                "dns.timeoutMs",
+                "0: an upstream would never be given time to answer (default 5000)".into(),
+            ));
+        }
         match (&cfg.workloads_file, &mut cfg.kubernetes) {
             (Some(file), None) => cfg.workloads_file = Some(base.join(file)),
             (None, Some(kube)) => {
@@ -721,6 +738,29 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("policies"), "{err}");
+    }
+
+    #[test]
+    fn egress_settings_default_to_istios_and_are_checked() {
+        let cfg = load(BASE).unwrap();
+        assert_eq!(cfg.outbound_traffic_policy.mode, OutboundMode::AllowAny);
+        assert!(cfg.dns.capture && cfg.dns.upstreams.is_empty());
+        let cfg = load(&format!(
+            "{BASE}outboundTrafficPolicy: {{mode: REGISTRY_ONLY}}\ndns: {{upstreams: [\"10.96.0.10:53\"]}}\n"
+        ))
+        .unwrap();
+        assert_eq!(cfg.outbound_traffic_policy.mode, OutboundMode::RegistryOnly);
+        assert_eq!(cfg.dns.upstreams, vec!["10.96.0.10:53".parse().unwrap()]);
+        let err = load(&format!(
+            "{BASE}outboundTrafficPolicy: {{mode: DENY_ALL}}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("DENY_ALL"), "{err}");
+        let err = load(&format!("{BASE}dns: {{timeoutMs: 0}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dns.timeoutMs"), "{err}");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Enrolment: keeps the node's local pods in the mesh as the workload state
-//! changes. A local pod gets listeners inside its netns (outbound, HBONE,
-//! plaintext capture), its certificate, its capture program and its
-//! enrolment entry, in that order; a pod that goes loses them.
+//! changes. A local pod gets listeners inside its netns (outbound, DNS,
+//! HBONE, plaintext capture), its certificate, its capture program and its
+//! enrolment entry, in that order; a pod that goes loses them (and the DNS
+//! answers recorded for it).
 //!
 //! A pod's netns comes from the CNI plugin ([`crate::cni`]: handed over
 //! while the runtime creates the sandbox) or, outside Kubernetes, from the
@@ -15,7 +16,9 @@ use std::{
     sync::Arc,
 };
 
-use nodemesh_common::{ENROLLED_FLAG_SOCKMAP, EnrolledPod, INBOUND_CAPTURE_PORT, OUTBOUND_PORT};
+use nodemesh_common::{
+    DNS_PORT, ENROLLED_FLAG_SOCKMAP, EnrolledPod, INBOUND_CAPTURE_PORT, OUTBOUND_PORT,
+};
 use prometheus_client::{
     metrics::{counter::Counter, gauge::Gauge},
     registry::Registry,
@@ -29,7 +32,7 @@ use tokio::{sync::oneshot, time::Instant};
 use crate::{
     cni::{CniNetns, CniRecord, CniRecords, CniRequest, server::error},
     datapath::{NetnsHandle, PodNetworks},
-    proxy::{self, LocalPod, ProxyInputs, capture, inbound, outbound},
+    proxy::{self, LocalPod, ProxyInputs, capture, dns, inbound, outbound},
     readiness::Pending,
     state::{Pod, PodKey},
 };
@@ -260,6 +263,7 @@ impl Enrolment {
             if let Some(mut st) = self.pods.remove(&key) {
                 self.inputs.datapath.unenrol(st.local.netns_cookie);
                 st.listeners.abort_all();
+                self.inputs.dns.forget(st.local.workload_id);
                 info!(pod = %key, "unenrolled");
             }
         }
@@ -719,6 +723,22 @@ impl Enrolment {
                 None
             }
         };
+        // DNS: the kernel sends the pod's UDP queries to port 53 here.
+        let (dns_v4, dns_v6) = if self.inputs.config.dns_capture {
+            let v4 = network
+                .udp_bind(SocketAddr::from((Ipv4Addr::LOCALHOST, DNS_PORT)))
+                .map_err(context(format!("DNS listener 127.0.0.1:{DNS_PORT}")))?;
+            let v6 = match network.udp_bind(SocketAddr::from((Ipv6Addr::LOCALHOST, DNS_PORT))) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    warn!(pod = %pod.key(), "no IPv6 DNS listener (IPv6 off in the pod?): {e}");
+                    None
+                }
+            };
+            (Some(v4), v6)
+        } else {
+            (None, None)
+        };
         // HBONE: peers' agents connect to <pod IP>:15008.
         let hbone_v4 = network
             .listen(SocketAddr::from((
@@ -768,6 +788,10 @@ impl Enrolment {
         for l in std::iter::once(v4).chain(v6) {
             let (inputs, local) = (self.inputs.clone(), local.clone());
             listeners.spawn(proxy::accept_loop(inputs, local, l, outbound::serve));
+        }
+        for s in dns_v4.into_iter().chain(dns_v6) {
+            let (inputs, local) = (self.inputs.clone(), local.clone());
+            listeners.spawn(dns::serve_udp(inputs, local, s));
         }
         for l in std::iter::once(hbone_v4).chain(hbone_v6) {
             let (inputs, local) = (self.inputs.clone(), local.clone());

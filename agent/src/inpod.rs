@@ -15,7 +15,7 @@ use std::{
 
 use nix::sched::{CloneFlags, setns};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, UdpSocket};
 
 use crate::{
     datapath::{INBOUND_SOURCE_V4, NetnsHandle, PodNetwork, PodNetworks},
@@ -124,6 +124,29 @@ impl PodNetwork for PodNetns {
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
         Ok(TcpSocket::from_std_stream(socket.into()))
+    }
+
+    fn udp_bind(&self, addr: SocketAddr) -> io::Result<UdpSocket> {
+        let socket = self.run(|| {
+            let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+            s.set_reuse_address(true)?;
+            s.set_reuse_port(true)?;
+            if addr.is_ipv6() {
+                s.set_only_v6(true)?;
+            }
+            s.bind(&addr.into())?;
+            Ok(s)
+        })?;
+        socket.set_nonblocking(true)?;
+        UdpSocket::from_std(socket.into())
+    }
+
+    fn udp_socket(&self, peer: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
+        let socket =
+            self.run(|| Socket::new(Domain::for_address(peer), Type::DGRAM, Some(Protocol::UDP)))?;
+        socket.set_mark(mark)?;
+        socket.set_nonblocking(true)?;
+        UdpSocket::from_std(socket.into())
     }
 }
 

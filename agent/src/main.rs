@@ -134,10 +134,12 @@ fn main() -> anyhow::Result<()> {
                     eprintln!("warning: {w}");
                 }
                 println!(
-                    "ok: {}: {} authorization policies, {} peer authentications in {} files",
+                    "ok: {}: {} authorization policies, {} peer authentications, {} service entries, {} destination rules in {} files",
                     dir.display(),
                     loaded.authorization.len(),
                     loaded.peer_authentication.len(),
+                    loaded.registry.entries().len(),
+                    loaded.registry.rules().len(),
                     loaded.files.len()
                 );
             }

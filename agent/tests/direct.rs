@@ -568,3 +568,513 @@ async fn callers_to_a_hung_peer_share_one_connect_and_one_timeout() {
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
     lab.stop().await;
 }
+
+/// A third party outside the mesh: 127.78.<net>.<i> (no pod has it).
+fn third_party(lab: &Lab, i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 78, lab.net, i)
+}
+
+/// Agent settings of the egress tests: REGISTRY_ONLY; DNS capture has no
+/// kernel to redirect here, and no upstream.
+const REGISTRY_ONLY: &str =
+    "outboundTrafficPolicy: {mode: REGISTRY_ONLY}\ndns: {upstreams: [\"127.0.0.1:9\"]}\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_only_passes_what_the_registry_names_and_refuses_the_rest_with_its_reason() {
+    let lab = Lab::start(pods(), &[], REGISTRY_ONLY).await;
+    let (a, b, stranger) = (
+        third_party(&lab, 1),
+        third_party(&lab, 2),
+        third_party(&lab, 50),
+    );
+    echo(a, 9000).await;
+    echo(b, 9000).await;
+    echo(stranger, 9000).await;
+    lab.write_policy(
+        "egress.yaml",
+        &format!(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: payments, namespace: shop}}
+spec:
+  hosts: [payments.example.com]
+  addresses: ["{vip}"]
+  resolution: STATIC
+  ports: [{{number: 9000, name: tcp, protocol: TCP}}]
+  endpoints: [{{address: "{a}"}}, {{address: "{b}"}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: pim, namespace: shop}}
+spec:
+  hosts: [pim.example.com]
+  resolution: NONE
+  ports: [{{number: 9443, name: tls, protocol: TLS}}]
+"#,
+            vip = third_party(&lab, 100)
+        ),
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // By the entry's VIP: balanced over its endpoints; by an endpoint.
+    for _ in 0..4 {
+        round_trip(
+            lab.connect("client", (third_party(&lab, 100), 9000).into())
+                .await,
+            1000,
+        )
+        .await
+        .unwrap();
+    }
+    round_trip(lab.connect("client", (a, 9000).into()).await, 1000)
+        .await
+        .unwrap();
+    let named = lab
+        .log_entries(0, 5, |e| {
+            e["host"] == "payments.example.com" && e["result"] == "ok"
+        })
+        .await;
+    assert_eq!(named.len(), 5, "{:?}", lab.access_log(0));
+    let upstreams: std::collections::HashSet<_> = named
+        .iter()
+        .map(|e| e["upstream"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(upstreams.len(), 2, "both endpoints used: {upstreams:?}");
+    assert!(
+        lab.metric(
+            0,
+            "istio_tcp_connections_opened_total",
+            &[
+                "destination_service=\"payments.example.com\"",
+                "destination_service_namespace=\"shop\""
+            ]
+        )
+        .await
+            >= 5.0
+    );
+
+    // An address nothing names: refused, with its reason, counted.
+    assert!(lab.refused("client", (stranger, 9000).into()).await);
+    let refused = lab
+        .log_entries(0, 1, |e| e["orig_dst"] == format!("{stranger}:9000"))
+        .await;
+    assert_eq!(refused[0]["response_flags"], "REGISTRY_ONLY", "{refused:?}");
+    assert_eq!(refused[0]["result"], "registry");
+    assert!(
+        refused[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("neither in the mesh nor a ServiceEntry host")
+    );
+    assert_eq!(
+        lab.metric(
+            0,
+            "nodemesh_registry_denials_total",
+            &["reason=\"not_in_registry\""]
+        )
+        .await,
+        1.0
+    );
+
+    // TLS to a TLS port: the SNI is read. A host not in the registry, and
+    // a registry host this pod never resolved to that address (SNI
+    // spoofing), are each refused with their own reason.
+    for (sni, reason) in [
+        ("evil.example.com", "sni_not_in_registry"),
+        ("pim.example.com", "sni_not_resolved"),
+    ] {
+        let s = lab.connect("client", (stranger, 9443).into()).await;
+        let name = rustls_pki_types::ServerName::try_from(sni).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(nodemesh_agent::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let handshake = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, s)
+            .await;
+        assert!(handshake.is_err(), "{sni} passed");
+        assert_eq!(
+            lab.metric(
+                0,
+                "nodemesh_registry_denials_total",
+                &[&format!("reason=\"{reason}\"")]
+            )
+            .await,
+            1.0,
+            "{sni}"
+        );
+        let e = lab.log_entries(0, 1, |e| e["sni"] == sni).await;
+        assert_eq!(e[0]["response_flags"], "REGISTRY_ONLY", "{e:?}");
+    }
+    // The registry and the mode are in /config_dump.
+    let dump = lab.admin_get(0, "/config_dump").await;
+    assert!(dump.contains("payments.example.com") && dump.contains("REGISTRY_ONLY"));
+    lab.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_endpoint_is_retried_elsewhere_ejected_and_returns_after_its_ejection() {
+    let lab = Lab::start(pods(), &[], REGISTRY_ONLY).await;
+    let (up1, up2, down) = (
+        third_party(&lab, 1),
+        third_party(&lab, 2),
+        third_party(&lab, 3),
+    );
+    echo(up1, 9000).await;
+    echo(up2, 9000).await;
+    lab.write_policy(
+        "egress.yaml",
+        &format!(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: pim, namespace: shop}}
+spec:
+  hosts: [pim.example.com]
+  addresses: ["{vip}"]
+  resolution: STATIC
+  ports: [{{number: 9000, name: tcp}}]
+  endpoints: [{{address: "{up1}"}}, {{address: "{up2}"}}, {{address: "{down}"}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: pim, namespace: shop}}
+spec:
+  host: pim.example.com
+  trafficPolicy:
+    outlierDetection: {{consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 2s, maxEjectionPercent: 34}}
+"#,
+            vip = third_party(&lab, 100)
+        ),
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let vip = SocketAddr::from((third_party(&lab, 100), 9000));
+    // No failure reaches the app: the refusal is retried on another
+    // endpoint, and the refusing one is ejected at once.
+    for _ in 0..9 {
+        round_trip(lab.connect("client", vip).await, 100)
+            .await
+            .unwrap();
+    }
+    let retried = lab
+        .log_entries(0, 1, |e| {
+            e["attempts"].as_array().is_some_and(|a| a.len() == 2)
+        })
+        .await;
+    assert_eq!(
+        retried.len(),
+        1,
+        "one retry, then ejected: {:?}",
+        lab.access_log(0)
+    );
+    let attempts = &retried[0]["attempts"];
+    assert_eq!(attempts[0]["endpoint"], format!("{down}:9000"));
+    assert_eq!(attempts[0]["ejected"], true);
+    assert!(
+        attempts[0]["error"].as_str().unwrap().contains("refused"),
+        "{attempts}"
+    );
+    assert!(attempts[1]["error"].is_null());
+    assert_eq!(
+        lab.metric(
+            0,
+            "nodemesh_outlier_ejections_total",
+            &["destination=\"pim.example.com\""]
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        lab.metric(
+            0,
+            "nodemesh_outlier_ejections_active",
+            &["destination=\"pim.example.com\""]
+        )
+        .await,
+        1.0
+    );
+    assert!(
+        lab.admin_get(0, "/config_dump")
+            .await
+            .replace([' ', '\n'], "")
+            .contains("\"timesEjected\":1")
+    );
+    // After baseEjectionTime it is tried again (and, still refusing,
+    // ejected for twice as long).
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_eq!(
+        lab.metric(
+            0,
+            "nodemesh_outlier_ejections_active",
+            &["destination=\"pim.example.com\""]
+        )
+        .await,
+        0.0
+    );
+    for _ in 0..6 {
+        round_trip(lab.connect("client", vip).await, 100)
+            .await
+            .unwrap();
+    }
+    let again = lab
+        .log_entries(0, 2, |e| {
+            e["attempts"].as_array().is_some_and(|a| a.len() == 2)
+        })
+        .await;
+    assert_eq!(again.len(), 2, "{:?}", lab.access_log(0));
+    assert!(
+        lab.admin_get(0, "/config_dump")
+            .await
+            .replace([' ', '\n'], "")
+            .contains("\"timesEjected\":2")
+    );
+
+    // Every endpoint down: one clear error naming each attempt.
+    lab.write_policy(
+        "egress.yaml",
+        &format!(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: pim, namespace: shop}}
+spec:
+  hosts: [pim.example.com]
+  addresses: ["{vip}"]
+  resolution: STATIC
+  ports: [{{number: 9000, name: tcp}}]
+  endpoints: [{{address: "{d1}"}}, {{address: "{d2}"}}]
+"#,
+            vip = third_party(&lab, 100),
+            d1 = third_party(&lab, 4),
+            d2 = third_party(&lab, 5),
+        ),
+    );
+    // A changed file is read twice, 500 ms apart, before it applies.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(lab.refused("client", vip).await);
+    let failed = lab
+        .log_entries(0, 1, |e| {
+            e["error"]
+                .as_str()
+                .is_some_and(|s| s.contains("no endpoint could be reached"))
+        })
+        .await;
+    assert_eq!(failed.len(), 1, "{:?}", lab.access_log(0));
+    assert_eq!(failed[0]["response_flags"], "CONNECT");
+    assert_eq!(failed[0]["attempts"].as_array().unwrap().len(), 2);
+    lab.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_fail_fast_with_their_flag() {
+    let lab = Lab::start(pods(), &[], REGISTRY_ONLY).await;
+    let up = third_party(&lab, 1);
+    echo(up, 9000).await;
+    lab.write_policy(
+        "egress.yaml",
+        &format!(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: pim, namespace: shop}}
+spec:
+  hosts: [pim.example.com]
+  resolution: STATIC
+  ports: [{{number: 9000, name: tcp}}]
+  endpoints: [{{address: "{up}"}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: pim, namespace: shop}}
+spec:
+  host: pim.example.com
+  trafficPolicy: {{connectionPool: {{tcp: {{maxConnections: 2}}}}}}
+"#
+        ),
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let to = SocketAddr::from((up, 9000));
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = lab.connect("client", to).await;
+        s.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        held.push(s);
+    }
+    let t = Instant::now();
+    assert!(lab.refused("client", to).await);
+    assert!(t.elapsed() < Duration::from_secs(1), "fails fast");
+    let over = lab
+        .log_entries(0, 1, |e| e["response_flags"] == "UPSTREAM_OVERFLOW")
+        .await;
+    assert_eq!(over.len(), 1, "{:?}", lab.access_log(0));
+    assert!(
+        over[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("maxConnections (2)")
+    );
+    assert!(over[0]["error"].as_str().unwrap().contains("shop/pim"));
+    assert_eq!(
+        lab.metric(
+            0,
+            "nodemesh_upstream_overflows_total",
+            &["destination=\"pim.example.com\""]
+        )
+        .await,
+        1.0
+    );
+    // A closed connection frees its slot.
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    round_trip(lab.connect("client", to).await, 10)
+        .await
+        .unwrap();
+    lab.stop().await;
+}
+
+/// A TLS echo server for `names`, its certificate signed by a CA written
+/// to `<dir>/<file>`; serves until the test ends.
+async fn tls_echo(ip: Ipv4Addr, port: u16, names: &[&str], ca_file: &std::path::Path) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    std::fs::write(ca_file, ca.pem()).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params =
+        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(nodemesh_agent::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind((ip, port)).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(s).await {
+                    let (mut r, mut w) = tokio::io::split(tls);
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                }
+            });
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_originated_for_plain_text_apps_and_a_wrong_name_is_refused_with_its_reason() {
+    let lab = Lab::start(pods(), &[], REGISTRY_ONLY).await;
+    let (good, wrong) = (third_party(&lab, 1), third_party(&lab, 2));
+    tls_echo(
+        good,
+        9443,
+        &["pim.example.com"],
+        &lab.dir.join("pim-ca.pem"),
+    )
+    .await;
+    tls_echo(
+        wrong,
+        9443,
+        &["other.example.com"],
+        &lab.dir.join("wrong-ca.pem"),
+    )
+    .await;
+    let rules = |ca: &str| {
+        format!(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: pim, namespace: shop}}
+spec:
+  hosts: [pim.example.com]
+  resolution: STATIC
+  ports: [{{number: 9080, name: http, protocol: HTTP, targetPort: 9443}}]
+  endpoints: [{{address: "{good}"}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: wrong, namespace: shop}}
+spec:
+  hosts: [wrong.example.com]
+  resolution: STATIC
+  ports: [{{number: 9080, name: http, protocol: HTTP, targetPort: 9443}}]
+  endpoints: [{{address: "{wrong}"}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: pim, namespace: shop}}
+spec:
+  host: pim.example.com
+  trafficPolicy:
+    portLevelSettings:
+    - port: {{number: 9080}}
+      tls: {{mode: SIMPLE, caCertificates: ../pim-ca.pem}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: wrong, namespace: shop}}
+spec:
+  host: wrong.example.com
+  trafficPolicy: {{tls: {{mode: SIMPLE, caCertificates: {ca}}}}}
+"#
+        )
+    };
+    lab.write_policy("egress.yaml", &rules("../wrong-ca.pem"));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Plain bytes from the app, TLS on the wire, the same bytes back.
+    let back = round_trip(lab.connect("client", (good, 9080).into()).await, 300_000)
+        .await
+        .unwrap();
+    assert_eq!(back.len(), 300_000);
+    let ok = lab
+        .log_entries(0, 1, |e| {
+            e["host"] == "pim.example.com" && e["result"] == "ok"
+        })
+        .await;
+    assert_eq!(ok[0]["security"], "tls_originated", "{ok:?}");
+    assert_eq!(ok[0]["upstream"], format!("{good}:9443"));
+    assert_eq!(ok[0]["bytes_sent"], 300_000);
+    // A certificate for another name: refused, the reason in the log.
+    assert!(lab.refused("client", (wrong, 9080).into()).await);
+    let refused = lab
+        .log_entries(0, 1, |e| {
+            e["host"] == "wrong.example.com" && e["result"] != "ok"
+        })
+        .await;
+    assert_eq!(refused[0]["response_flags"], "TLS_FAILURE", "{refused:?}");
+    let error = refused[0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("TLS to wrong.example.com") && error.contains("wrong_name"),
+        "{error}"
+    );
+    // A CA file that does not exist: the set is rejected, the last good
+    // one stays (TLS still originated).
+    lab.write_policy("egress.yaml", &rules("../missing-ca.pem"));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    round_trip(lab.connect("client", (good, 9080).into()).await, 10)
+        .await
+        .unwrap();
+    assert!(
+        lab.metric(
+            0,
+            "nodemesh_policy_reloads_total",
+            &["outcome=\"rejected\""]
+        )
+        .await
+            >= 1.0
+    );
+    lab.stop().await;
+}

@@ -15,6 +15,11 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_CAPTURE_PORT: u16 = 15006;
 /// HBONE (mTLS) inbound port inside every enrolled pod's netns; never captured.
 pub const HBONE_PORT: u16 = 15008;
+/// Port of the agent's DNS listener (UDP, on 127.0.0.1 and ::1) inside every
+/// enrolled pod's netns; the pod's UDP queries to port 53 are sent there.
+pub const DNS_PORT: u16 = 15053;
+/// The port whose UDP traffic is taken for DNS.
+pub const DNS_SERVER_PORT: u16 = 53;
 
 /// Names of the maps, as pinned under the agent's bpffs directory.
 pub const MAP_ENROLLED: &str = "NM_ENROLLED";
@@ -24,6 +29,7 @@ pub const MAP_CONFIG: &str = "NM_CONFIG";
 pub const MAP_SOCKHASH: &str = "NM_SOCKHASH";
 pub const MAP_COUNTERS: &str = "NM_COUNTERS";
 pub const MAP_CAPTURE: &str = "NM_CAPTURE";
+pub const MAP_DNS_ORIG: &str = "NM_DNS_ORIG";
 
 /// Capacities. `ORIG_DST_CAPACITY` bounds concurrent redirected connections
 /// per node; an insert that does not fit fails the `connect()` (fail closed).
@@ -33,6 +39,9 @@ pub const ORIG_DST_CAPACITY: u32 = 65536;
 pub const SOCKHASH_CAPACITY: u32 = 131072;
 /// Capture listeners, one per enrolled pod IP.
 pub const CAPTURE_CAPACITY: u32 = 8192;
+/// UDP sockets of enrolled pods that sent DNS, by socket cookie (an LRU:
+/// the oldest go first; entries also go when their socket is released).
+pub const DNS_ORIG_CAPACITY: u32 = 65536;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -102,6 +111,8 @@ pub struct ProgramConfig {
     pub agent_mark: u32,
     /// Non-zero: sockops adds redirected app sockets to the sockhash.
     pub sockmap_enabled: u32,
+    /// Non-zero: enrolled pods' UDP DNS goes to the agent (`dns.capture`).
+    pub dns_capture: u32,
 }
 
 /// Indices into the per-CPU counter array the programs bump.
@@ -118,6 +129,13 @@ pub mod counter {
     /// Plaintext inbound connections refused: the pod is enrolled but no
     /// agent listener is in the map (the agent is down or restarting).
     pub const INBOUND_NO_LISTENER: u32 = 8;
+    /// UDP DNS (connect or sendmsg to port 53) sent to the agent's listener.
+    pub const DNS_REDIRECTED: u32 = 9;
+    /// Replies from the agent's DNS listener given back the resolver's
+    /// address as their source.
+    pub const DNS_REVERSED: u32 = 10;
+    /// DNS refused because its record did not fit in `NM_DNS_ORIG`.
+    pub const DNS_ORIG_FULL: u32 = 11;
     pub const COUNT: u32 = 16;
 }
 

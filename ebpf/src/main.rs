@@ -13,10 +13,16 @@
 //!   plaintext TCP connection arriving at the pod from outside is handed to
 //!   the agent's capture listener in that pod, so PeerAuthentication and
 //!   authorization apply to it; with no listener (agent down) it is refused.
+//! - DNS of enrolled pods: `nm_connect4|6` (connected UDP, as glibc uses)
+//!   and `nm_sendmsg4|6` (unconnected) send UDP to port 53 to the agent's
+//!   DNS listener on loopback, recording the resolver under the socket
+//!   cookie; `nm_recvmsg4|6` give the replies the resolver's address back
+//!   (resolvers drop answers from another source); `nm_sock_release`
+//!   removes the record with its socket.
 #![no_std]
 #![no_main]
 
-use core::ptr::read_volatile;
+use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
     EbpfContext,
@@ -27,20 +33,24 @@ use aya_ebpf::{
         sk_action::{SK_DROP, SK_PASS},
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
+    macros::{cgroup_sock, cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
-    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use nodemesh_common::{
-    AF_INET, AF_INET6, CAPTURE_CAPACITY, ENROLLED_CAPACITY, ENROLLED_FLAG_SOCKMAP, EnrolledPod,
-    FlowKey, HBONE_PORT, Ip6Words, ORIG_DST_CAPACITY, OUTBOUND_PORT, OrigDst, PENDING_CAPACITY,
-    ProgramConfig, SOCKHASH_CAPACITY, SockKey, counter, is_v4_mapped, v4_mapped,
+    AF_INET, AF_INET6, CAPTURE_CAPACITY, DNS_ORIG_CAPACITY, DNS_PORT, DNS_SERVER_PORT,
+    ENROLLED_CAPACITY, ENROLLED_FLAG_SOCKMAP, EnrolledPod, FlowKey, HBONE_PORT, Ip6Words,
+    ORIG_DST_CAPACITY, OUTBOUND_PORT, OrigDst, PENDING_CAPACITY, ProgramConfig, SOCKHASH_CAPACITY,
+    SockKey, counter, is_v4_mapped, v4_mapped,
 };
 
 const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
 const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
 const LOOPBACK_V4_BE: u32 = u32::to_be(0x7f00_0001);
+const LOOPBACK_V6: Ip6Words = [0, 0, 0, u32::to_be(1)];
 /// The loopback device is ifindex 1 in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
 
@@ -65,6 +75,12 @@ static SOCKHASH: SockHash<SockKey> = SockHash::pinned(SOCKHASH_CAPACITY, 0);
 /// Pod IP (v4-mapped for IPv4) -> the agent's capture listener in that pod.
 #[map(name = "NM_CAPTURE")]
 static CAPTURE: SockHash<Ip6Words> = SockHash::pinned(CAPTURE_CAPACITY, 0);
+
+/// Socket cookie -> the resolver an enrolled pod's UDP socket sent DNS to,
+/// for giving the agent's replies that source. LRU, and removed when the
+/// socket is released: UDP sockets have no close callback in sockops.
+#[map(name = "NM_DNS_ORIG")]
+static DNS_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(DNS_ORIG_CAPACITY, 0);
 
 #[map(name = "NM_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
@@ -93,6 +109,9 @@ const REJECT: i32 = 0;
 pub fn nm_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
     let sa = unsafe { &mut *ctx.sock_addr };
+    if is_udp(sa.type_, sa.protocol) {
+        return dns_redirect4(&ctx);
+    }
     if sa.type_ != SOCK_STREAM || (sa.protocol != IPPROTO_TCP && sa.protocol != 0) {
         return ALLOW;
     }
@@ -117,6 +136,9 @@ pub fn nm_connect4(ctx: SockAddrContext) -> i32 {
 pub fn nm_connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
     let sa = unsafe { &mut *ctx.sock_addr };
+    if is_udp(sa.type_, sa.protocol) {
+        return dns_redirect6(&ctx);
+    }
     if sa.type_ != SOCK_STREAM || (sa.protocol != IPPROTO_TCP && sa.protocol != 0) {
         return ALLOW;
     }
@@ -153,23 +175,30 @@ enum Verdict {
     Reject,
 }
 
+/// The enrolment of the socket's netns and its cookie, unless the netns is
+/// not enrolled or the socket is the agent's own.
 #[inline(always)]
-fn record_pending(ctx: &SockAddrContext, addr: Ip6Words, port: u16, family: u16) -> Verdict {
+fn enrolled_app(ctx: &SockAddrContext, cfg: &ProgramConfig) -> Option<(u64, EnrolledPod)> {
     // SAFETY: helpers valid for cgroup sock_addr programs (Linux 5.7+).
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: read-only copy of a value; a concurrent unenrol only makes the
     // copy stale, which the agent rejects.
-    let Some(pod) = (unsafe { ENROLLED.get(netns_cookie) }).copied() else {
-        return Verdict::Pass;
-    };
+    let pod = (unsafe { ENROLLED.get(netns_cookie) }).copied()?;
     // The agent's own sockets in the pod netns carry its mark.
-    // SAFETY: `sk` is always set for connect hooks.
+    // SAFETY: `sk` is always set for connect and sendmsg hooks.
     let mark = unsafe { (*(*ctx.sock_addr).__bindgen_anon_1.sk).mark };
-    let cfg = config();
     if cfg.agent_mark != 0 && mark == cfg.agent_mark {
         bump(counter::SKIPPED_AGENT);
-        return Verdict::Pass;
+        return None;
     }
+    Some((netns_cookie, pod))
+}
+
+#[inline(always)]
+fn record_pending(ctx: &SockAddrContext, addr: Ip6Words, port: u16, family: u16) -> Verdict {
+    let Some((netns_cookie, pod)) = enrolled_app(ctx, &config()) else {
+        return Verdict::Pass;
+    };
     // SAFETY: helper valid for this program type.
     let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let orig = OrigDst {
@@ -187,6 +216,181 @@ fn record_pending(ctx: &SockAddrContext, addr: Ip6Words, port: u16, family: u16)
     bump(counter::REDIRECTED);
     debug!(ctx, "redirect workload {} port {}", pod.workload_id, port);
     Verdict::Redirect
+}
+
+#[inline(always)]
+fn is_udp(type_: u32, protocol: u32) -> bool {
+    type_ == SOCK_DGRAM && (protocol == IPPROTO_UDP || protocol == 0)
+}
+
+/// UDP from an enrolled pod to port 53: records the resolver under the
+/// socket cookie (the last one sent to wins: replies all come from the
+/// agent, and a resolver library that sends to several servers on one
+/// socket accepts an answer from any of them).
+#[inline(always)]
+fn record_dns(ctx: &SockAddrContext, addr: Ip6Words, family: u16) -> Verdict {
+    let cfg = config();
+    if cfg.dns_capture == 0 {
+        return Verdict::Pass;
+    }
+    let Some((netns_cookie, pod)) = enrolled_app(ctx, &cfg) else {
+        return Verdict::Pass;
+    };
+    // SAFETY: helper valid for this program type.
+    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = OrigDst {
+        addr,
+        port: DNS_SERVER_PORT,
+        family,
+        workload_id: pod.workload_id,
+        netns_cookie,
+    };
+    if DNS_ORIG
+        .insert(socket_cookie, orig, BPF_ANY as u64)
+        .is_err()
+    {
+        // Without a record the reply could not be given the resolver's
+        // source and would be dropped anyway: refuse the send now.
+        bump(counter::DNS_ORIG_FULL);
+        return Verdict::Reject;
+    }
+    bump(counter::DNS_REDIRECTED);
+    Verdict::Redirect
+}
+
+/// connect4 / sendmsg4 of a UDP socket.
+#[inline(always)]
+fn dns_redirect4(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: the context pointer is valid for the program's run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let dst_ip = sa.user_ip4;
+    if u16::from_be(sa.user_port as u16) != DNS_SERVER_PORT || u32::from_be(dst_ip) >> 24 == 127 {
+        return ALLOW;
+    }
+    match record_dns(ctx, v4_mapped(dst_ip), AF_INET) {
+        Verdict::Pass => ALLOW,
+        Verdict::Reject => REJECT,
+        Verdict::Redirect => {
+            sa.user_ip4 = LOOPBACK_V4_BE;
+            sa.user_port = u32::from(DNS_PORT.to_be());
+            ALLOW
+        }
+    }
+}
+
+/// connect6 / sendmsg6 of a UDP socket; v4-mapped destinations as connect6.
+#[inline(always)]
+fn dns_redirect6(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: the context pointer is valid for the program's run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if u16::from_be(sa.user_port as u16) != DNS_SERVER_PORT {
+        return ALLOW;
+    }
+    // SAFETY: field of the valid context.
+    let dst = unsafe { read_ip6(&raw const sa.user_ip6) };
+    if is_loopback(&dst) {
+        return ALLOW;
+    }
+    let mapped = is_v4_mapped(&dst);
+    let family = if mapped { AF_INET } else { AF_INET6 };
+    match record_dns(ctx, dst, family) {
+        Verdict::Pass => ALLOW,
+        Verdict::Reject => REJECT,
+        Verdict::Redirect => {
+            // A dual-stack socket asking for an IPv4 resolver keeps talking
+            // IPv4 (to the agent's 127.0.0.1 socket).
+            let to = if mapped {
+                v4_mapped(LOOPBACK_V4_BE)
+            } else {
+                LOOPBACK_V6
+            };
+            // SAFETY: field of the valid context.
+            unsafe { write_ip6(&raw mut sa.user_ip6, to) };
+            sa.user_port = u32::from(DNS_PORT.to_be());
+            ALLOW
+        }
+    }
+}
+
+/// Unconnected UDP sends (connected ones went through connect4 already).
+#[cgroup_sock_addr(sendmsg4)]
+pub fn nm_sendmsg4(ctx: SockAddrContext) -> i32 {
+    dns_redirect4(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn nm_sendmsg6(ctx: SockAddrContext) -> i32 {
+    dns_redirect6(&ctx)
+}
+
+/// The resolver a socket's DNS was sent to, if the agent answered it.
+#[inline(always)]
+fn dns_orig(ctx: &SockAddrContext) -> Option<OrigDst> {
+    // SAFETY: helper valid for this program type.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only copy of a value.
+    unsafe { DNS_ORIG.get(cookie) }.copied()
+}
+
+/// A datagram from 127.0.0.1:15053 to a socket that sent DNS: from its
+/// resolver, as far as the app can tell. Must return 1 (recvmsg hooks
+/// cannot drop).
+#[cgroup_sock_addr(recvmsg4)]
+pub fn nm_recvmsg4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the context pointer is valid for the program's run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.user_ip4 != LOOPBACK_V4_BE || sa.user_port != u32::from(DNS_PORT.to_be()) {
+        return ALLOW;
+    }
+    if let Some(orig) = dns_orig(&ctx)
+        && orig.family == AF_INET
+    {
+        sa.user_ip4 = orig.addr[3];
+        sa.user_port = u32::from(orig.port.to_be());
+        bump(counter::DNS_REVERSED);
+    }
+    ALLOW
+}
+
+/// The same on AF_INET6 sockets: from [::1]:15053, or from the v4-mapped
+/// 127.0.0.1:15053 on a dual-stack socket that sent to an IPv4 resolver.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn nm_recvmsg6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the context pointer is valid for the program's run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.user_port != u32::from(DNS_PORT.to_be()) {
+        return ALLOW;
+    }
+    // SAFETY: field of the valid context.
+    let src = unsafe { read_ip6(&raw const sa.user_ip6) };
+    let family = if src == v4_mapped(LOOPBACK_V4_BE) {
+        AF_INET
+    } else if src == LOOPBACK_V6 {
+        AF_INET6
+    } else {
+        return ALLOW;
+    };
+    if let Some(orig) = dns_orig(&ctx)
+        && orig.family == family
+    {
+        // SAFETY: field of the valid context.
+        unsafe { write_ip6(&raw mut sa.user_ip6, orig.addr) };
+        sa.user_port = u32::from(orig.port.to_be());
+        bump(counter::DNS_REVERSED);
+    }
+    ALLOW
+}
+
+/// Removes a UDP socket's DNS record when the socket goes.
+#[cgroup_sock(sock_release)]
+pub fn nm_sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: the context pointer is valid for the program's run.
+    if unsafe { (*ctx.sock).type_ } == SOCK_DGRAM {
+        // SAFETY: helper valid for cgroup sock programs (Linux 5.8+).
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let _ = DNS_ORIG.remove(cookie);
+    }
+    ALLOW
 }
 
 #[sock_ops]
@@ -258,6 +462,21 @@ unsafe fn read_ip6(p: *const [u32; 4]) -> Ip6Words {
             read_volatile(w.add(2)),
             read_volatile(w.add(3)),
         ]
+    }
+}
+
+/// Stores an IPv6 address into a context field, one 4-byte volatile store
+/// per word: a plain array copy becomes a copy through a pointer derived
+/// from the context, which the verifier rejects.
+#[inline(always)]
+unsafe fn write_ip6(p: *mut [u32; 4], a: Ip6Words) {
+    let w = p.cast::<u32>();
+    // SAFETY: the caller passes a field of a valid context.
+    unsafe {
+        write_volatile(w, a[0]);
+        write_volatile(w.add(1), a[1]);
+        write_volatile(w.add(2), a[2]);
+        write_volatile(w.add(3), a[3]);
     }
 }
 

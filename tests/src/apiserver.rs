@@ -1,7 +1,9 @@
 //! A FAKE of the Kubernetes API server, for the lab: this machine cannot
 //! run a real one, so this is the closest honest substitute. It serves
 //! what the agent reads (pods, services, endpointslices, namespaces, nodes
-//! and the policy kinds of the groups asked for) over HTTPS with a bearer
+//! and the kinds of the groups asked for: AuthorizationPolicy and
+//! PeerAuthentication, or for `networking.istio.io` ServiceEntry and
+//! DestinationRule) over HTTPS with a bearer
 //! token, with the real server's list, watch, selector, resourceVersion,
 //! bookmark, `410 Gone` and metadata-only semantics as far as the agent
 //! uses them, and stores the Events it posts.
@@ -99,22 +101,17 @@ fn resources(groups: &[String]) -> Vec<Resource> {
         ("events.k8s.io", "events", "Event", true, "ev"),
     ];
     let policies = groups.iter().flat_map(|g| {
-        [
-            (
-                g.as_str(),
-                "authorizationpolicies",
-                "AuthorizationPolicy",
-                true,
-                "ap",
-            ),
-            (
-                g.as_str(),
-                "peerauthentications",
-                "PeerAuthentication",
-                true,
-                "pa",
-            ),
-        ]
+        let kinds = match g.as_str() {
+            "networking.istio.io" => [
+                ("serviceentries", "ServiceEntry", "se"),
+                ("destinationrules", "DestinationRule", "dr"),
+            ],
+            _ => [
+                ("authorizationpolicies", "AuthorizationPolicy", "ap"),
+                ("peerauthentications", "PeerAuthentication", "pa"),
+            ],
+        };
+        kinds.map(|(plural, kind, short_name)| (g.as_str(), plural, kind, true, short_name))
     });
     built_in
         .into_iter()
@@ -2071,6 +2068,34 @@ mod tests {
                 && r.contains("allowWatchBookmarks=true")),
             "{requests:#?}"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn istio_networking_group_serves_service_entries_and_destination_rules() {
+        let lab = lab("networking", &["security.istio.io", "networking.istio.io"]).await;
+        let c = client(&lab.api).await;
+        let served = c
+            .list_api_group_resources("networking.istio.io/v1")
+            .await
+            .unwrap();
+        let kinds: Vec<&str> = served.resources.iter().map(|r| r.kind.as_str()).collect();
+        assert_eq!(kinds, ["ServiceEntry", "DestinationRule"]);
+        let entry = json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+                           "metadata": {"name": "pim", "namespace": "shop"},
+                           "spec": {"hosts": ["pim.example.com"]}});
+        lab.api.apply(&entry).unwrap();
+        let gvk = GroupVersionKind::gvk("networking.istio.io", "v1", "ServiceEntry");
+        let entries = Api::<DynamicObject>::all_with(c.clone(), &ApiResource::from_gvk(&gvk));
+        until("the ServiceEntry", || async {
+            entries
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .len()
+                == 1
+        })
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,12 +1,15 @@
 //! `cargo xtask bench`: direct TCP vs through the agent on the virtual
-//! cluster, same-node and cross-node, sockmap fast path off and on. Prints
-//! ratios to direct and writes JSON for later comparison.
+//! cluster, same-node and cross-node, sockmap fast path off and on, and
+//! egress to third parties (`egress`). Prints ratios to direct and writes
+//! JSON for later comparison.
 use std::{fs, path::Path, time::Duration};
 
 use anyhow::Result;
 use serde_json::{Value, json};
 
 use crate::cluster::{Cluster, ClusterSpec, PodSpec};
+
+mod egress;
 
 fn spec() -> ClusterSpec {
     ClusterSpec {
@@ -67,6 +70,10 @@ fn reset_peak_rss(pid: u32) {
 /// memory (jemalloc purges after its 1 s decay).
 const SETTLE: Duration = Duration::from_secs(3);
 
+/// What [`Runner::suite`] measures: bulk with one and eight streams, 64 B
+/// request/response, new connections.
+const ALL_TESTS: [&str; 4] = ["stream_1", "stream_8", "rr", "crr"];
+
 struct Runner<'a> {
     c: &'a Cluster,
     secs: f64,
@@ -87,20 +94,36 @@ impl Runner<'_> {
         agent_pid: Option<u32>,
         dst_agent_pid: Option<u32>,
     ) -> Result<Value> {
+        self.suite_of(pod, to, &[], &ALL_TESTS, agent_pid, dst_agent_pid)
+    }
+
+    /// [`Self::suite`] with more client options (`--tls-ca`, `--sni`) and
+    /// only the `tests` named (of [`ALL_TESTS`]).
+    fn suite_of(
+        &self,
+        pod: &str,
+        to: &str,
+        client_args: &[&str],
+        tests: &[&str],
+        agent_pid: Option<u32>,
+        dst_agent_pid: Option<u32>,
+    ) -> Result<Value> {
         let secs = self.secs.to_string();
         let mut out = serde_json::Map::new();
-        let tests: [(&str, Vec<&str>); 4] = [
-            ("stream_1", vec!["stream", "--streams", "1"]),
-            ("stream_8", vec!["stream", "--streams", "8"]),
-            ("rr", vec!["rr"]),
-            ("crr", vec!["crr"]),
-        ];
-        for (name, args) in tests {
+        for &name in tests {
+            let args: &[&str] = match name {
+                "stream_1" => &["stream", "--streams", "1"],
+                "stream_8" => &["stream", "--streams", "8"],
+                "rr" => &["rr"],
+                "crr" => &["crr"],
+                other => anyhow::bail!("no bench test {other}"),
+            };
             let cpu0 = agent_pid.map(cpu_seconds);
             let dst_cpu0 = dst_agent_pid.map(cpu_seconds);
             let mut argv = vec!["bench-client"];
-            argv.extend(&args);
+            argv.extend(args);
             argv.extend(["--to", to, "--secs", &secs]);
+            argv.extend(client_args);
             if name == "crr" {
                 argv.extend(["--parallel", "16"]);
             }
@@ -661,6 +684,8 @@ pub enum Part {
     CrossNode,
     /// Only the agent's TLS in memory, as JSON.
     Tls,
+    /// Only egress to third parties (`egress`), as a table and JSON.
+    Egress,
 }
 
 pub fn run(secs: f64, out: &Path, part: Part, agent_config: &str) -> Result<()> {
@@ -679,6 +704,18 @@ pub fn run(secs: f64, out: &Path, part: Part, agent_config: &str) -> Result<()> 
         println!("{a}");
         return Ok(());
     }
+    if part == Part::Egress {
+        eprintln!("bench: registry and SNI costs in memory ...");
+        let costs = egress::costs()?;
+        let results = egress::run(secs, agent_config)?;
+        let summary = json!({
+            "egress_costs": costs,
+            "seconds_per_measurement": secs,
+            "results": results,
+        });
+        egress::print_table(&summary);
+        return write_summary(out, &summary);
+    }
     let all = part == Part::All;
     let (policy, api_memory) = if all {
         eprintln!("bench: policy decisions ...");
@@ -690,6 +727,14 @@ pub fn run(secs: f64, out: &Path, part: Part, agent_config: &str) -> Result<()> 
     };
     eprintln!("bench: TLS in memory ...");
     let tls = tls_bench()?;
+    // Egress on a cluster of its own, before the main one starts.
+    let (egress_costs, egress_results) = if all {
+        eprintln!("bench: registry and SNI costs in memory ...");
+        let costs = egress::costs()?;
+        (costs, egress::run(secs, agent_config)?)
+    } else {
+        (Value::Null, Default::default())
+    };
     let mut spec = spec();
     if !agent_config.is_empty() {
         spec.agent.extra = format!("{agent_config}\n");
@@ -717,7 +762,7 @@ pub fn run(secs: f64, out: &Path, part: Part, agent_config: &str) -> Result<()> 
             1,
         ),
     ];
-    let mut results = serde_json::Map::new();
+    let mut results = egress_results;
     std::thread::sleep(SETTLE);
     let idle_rss: Vec<u64> = (0..2)
         .map(|k| c.agent_pid(k).map(|p| status_kib(p, "VmRSS:")).unwrap_or(0))
@@ -786,15 +831,21 @@ pub fn run(secs: f64, out: &Path, part: Part, agent_config: &str) -> Result<()> 
         "agent_rss_peak_kib": peak_rss,
         "abuse": abuse,
         "api_memory": api_memory,
+        "egress_costs": egress_costs,
         "seconds_per_measurement": secs,
         "results": results,
     });
     drop(c);
     print_table(&summary);
+    egress::print_table(&summary);
+    write_summary(out, &summary)
+}
+
+fn write_summary(out: &Path, summary: &Value) -> Result<()> {
     if let Some(dir) = out.parent() {
         fs::create_dir_all(dir)?;
     }
-    fs::write(out, serde_json::to_string_pretty(&summary)?)?;
+    fs::write(out, serde_json::to_string_pretty(summary)?)?;
     println!("\nwritten to {}", out.display());
     Ok(())
 }

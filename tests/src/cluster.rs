@@ -5,6 +5,8 @@
 //! - `nmlab-<run>-fabric`: a bridge joining every node's `eth0`
 //!   (10.240.0.<k+1>/24, fd00:240::<k+1>/64) and an external host `ext`
 //!   (10.240.0.200) that is outside the cluster.
+//!   Third parties (`thirdparty`) get addresses of their own on `ext`:
+//!   10.240.0.201..=220 and fd00:240::201..=220.
 //! - `nmlab-<run>-n<k>`: node k; bridge `cbr0` (10.244.k.1/24,
 //!   fd00:244:k::1/64) with one veth per pod, forwarding on, routes to the
 //!   other nodes' pod CIDRs via their node IPs.
@@ -203,6 +205,8 @@ pub struct Cluster {
     pub(crate) api: Option<crate::apiserver::ApiObjects>,
     /// The objects each policy file applied (Kubernetes mode).
     pub(crate) policy_objects: std::sync::Mutex<BTreeMap<String, Vec<crate::kube::ObjectKey>>>,
+    /// Third-party hosts given an address on `ext` so far (`thirdparty`).
+    pub(crate) third_party_hosts: std::sync::atomic::AtomicUsize,
 }
 
 pub const EXTERNAL_V4: Ipv4Addr = Ipv4Addr::new(10, 240, 0, 200);
@@ -302,6 +306,7 @@ impl Cluster {
             background: Vec::new(),
             api: None,
             policy_objects: Default::default(),
+            third_party_hosts: Default::default(),
         };
         // On error the half-built cluster is dropped, which cleans up.
         cluster.build_network()?;
@@ -357,7 +362,7 @@ impl Cluster {
     pub fn ns_fabric(&self) -> String {
         format!("{NETNS_PREFIX}{}-fabric", self.run)
     }
-    fn ns_ext(&self) -> String {
+    pub(crate) fn ns_ext(&self) -> String {
         format!("{NETNS_PREFIX}{}-ext", self.run)
     }
     pub fn ns_node(&self, k: usize) -> String {
@@ -744,6 +749,11 @@ impl Cluster {
         } else {
             y
         };
+        // Pods' captured DNS goes to the lab's DNS server (`start_dns`).
+        let y = match self.spec.agent.extra.lines().any(|l| l.starts_with("dns:")) {
+            true => y,
+            false => y + crate::dns::AGENT_DNS_CONFIG,
+        };
         fs::write(&a.config, y)?;
         Ok(())
     }
@@ -929,8 +939,7 @@ impl Cluster {
     /// A command running the lab binary inside a pod (its cgroup, then its
     /// netns), e.g. `["serve", "--port", "8080"]`.
     pub fn pod_command(&self, pod: &str, args: &[&str]) -> Command {
-        let p = self.pod(pod);
-        self.command_in(&p.cgroup, &format!("/run/netns/{}", p.netns), args)
+        self.pod_program(pod, &self.lab_bin.to_string_lossy(), args)
     }
 
     /// The same for the external host. Its cgroup is outside every node's
@@ -983,10 +992,12 @@ impl Cluster {
             .arg("--cgroup")
             .arg(&p.cgroup)
             .arg("--netns")
-            .arg(format!("/run/netns/{}", p.netns))
-            .arg("--")
-            .arg(program)
-            .args(args);
+            .arg(format!("/run/netns/{}", p.netns));
+        // Resolving with the lab's DNS server once it runs (`start_dns`).
+        if let Some(resolv_conf) = self.pod_resolv_conf() {
+            cmd.arg("--resolv-conf").arg(resolv_conf);
+        }
+        cmd.arg("--").arg(program).args(args);
         cmd
     }
 

@@ -29,9 +29,14 @@ const API_PORT: u16 = 6443;
 const MESH_LABEL: (&str, &str) = ("nodemesh.dev/mesh", "enabled");
 /// Istio's opt-out, on a pod.
 const OPT_OUT: (&str, &str) = ("istio.io/dataplane-mode", "none");
-/// The groups whose policy CRDs the fake serves: Istio's and ours, as on
-/// a cluster with Istio's CRDs and nodemesh's manifests.
-const POLICY_GROUPS: [&str; 2] = ["security.istio.io", "security.nodemesh.dev"];
+/// The groups whose CRDs the fake serves: Istio's (security and
+/// networking: ServiceEntry, DestinationRule) and ours, as on a cluster
+/// with Istio's CRDs and nodemesh's manifests.
+const POLICY_GROUPS: [&str; 3] = [
+    "security.istio.io",
+    "security.nodemesh.dev",
+    "networking.istio.io",
+];
 
 /// An object as `delete` names it: `Kind.group`, namespace, name.
 pub type ObjectKey = (String, String, String);

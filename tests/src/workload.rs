@@ -9,8 +9,13 @@
 //! - `SOURCE <n>`: sends n pattern bytes, shuts its write side, then still
 //!   reads to EOF (tests server->client half-close) and logs what it got.
 //! - `DISCARD`: reads to EOF, answers the byte count.
+//!
+//! The same protocol inside TLS with `serve --tls-cert --tls-key` (the
+//! egress bench's third party speaking it).
 use std::{
     net::SocketAddr,
+    path::Path,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -96,6 +101,30 @@ async fn read_to_end_hashing(r: &mut (impl tokio::io::AsyncRead + Unpin)) -> Res
 
 /// Serves the protocol on every address of the pod (v4 and v6) at `port`.
 pub async fn serve(port: u16) -> Result<()> {
+    serve_with(port, None).await
+}
+
+/// A TLS server configuration for the protocol: the certificate chain and
+/// key from PEM files (e.g. `ThirdPartyCa::issue_server_certs`'), the
+/// agent's provider, no client certificates.
+pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor> {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("{}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("{}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(nodemesh_agent::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .context("TLS server configuration")?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// [`serve`], in TLS when given an acceptor (each connection's handshake,
+/// then the same protocol inside).
+pub async fn serve_with(port: u16, tls: Option<tokio_rustls::TlsAcceptor>) -> Result<()> {
     let v4 = TcpListener::bind(("0.0.0.0", port)).await?;
     let v6 = {
         let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
@@ -106,20 +135,28 @@ pub async fn serve(port: u16) -> Result<()> {
         s.set_nonblocking(true)?;
         TcpListener::from_std(s.into())?
     };
-    println!("{}", json!({"listening": port}));
-    let serve_one = |l: TcpListener| async move {
-        loop {
-            let Ok((s, peer)) = l.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                if let Err(e) = handle(s, peer).await {
-                    println!(
-                        "{}",
-                        json!({"peer": peer.to_string(), "error": format!("{e:#}")})
-                    );
-                }
-            });
+    println!("{}", json!({"listening": port, "tls": tls.is_some()}));
+    let serve_one = |l: TcpListener| {
+        let tls = tls.clone();
+        async move {
+            loop {
+                let Ok((s, peer)) = l.accept().await else {
+                    continue;
+                };
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let served = match tls {
+                        Some(acceptor) => handle_tls(s, peer, acceptor).await,
+                        None => handle(s, peer).await,
+                    };
+                    if let Err(e) = served {
+                        println!(
+                            "{}",
+                            json!({"peer": peer.to_string(), "error": format!("{e:#}")})
+                        );
+                    }
+                });
+            }
         }
     };
     tokio::join!(serve_one(v4), serve_one(v6));
@@ -128,7 +165,27 @@ pub async fn serve(port: u16) -> Result<()> {
 
 async fn handle(s: TcpStream, peer: SocketAddr) -> Result<()> {
     s.set_nodelay(true)?;
-    let (r, mut w) = s.into_split();
+    let (r, w) = s.into_split();
+    modes(r, w, peer).await
+}
+
+async fn handle_tls(
+    s: TcpStream,
+    peer: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> Result<()> {
+    s.set_nodelay(true)?;
+    let tls = acceptor.accept(s).await.context("TLS handshake")?;
+    let (r, w) = tokio::io::split(tls);
+    modes(r, w, peer).await
+}
+
+/// The protocol on a connection's two halves.
+async fn modes<R, W>(r: R, mut w: W, peer: SocketAddr) -> Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
     let mut r = BufReader::with_capacity(CHUNK, r);
     let mut line = String::new();
     r.read_line(&mut line).await?;

@@ -515,7 +515,12 @@ fn demo_runs_and_shows_the_shop() {
     for pair in [
         "frontend",
         "catalogue",
-        "external 10.240.0.200:8080",
+        // Third parties: TLS originated by the agents; a tracker the
+        // registry does not list, refused.
+        "pim.example.com",
+        "api.notify.example.com",
+        "tls_originated",
+        "outboundTrafficPolicy REGISTRY_ONLY",
         // Policies at work: a plaintext client refused by STRICT, a call
         // auth's ALLOW policy does not admit.
         "scraper (plain)",

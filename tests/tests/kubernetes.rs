@@ -68,6 +68,28 @@ spec:
     )
 }
 
+const PIM_EGRESS: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: pim, namespace: shop}
+spec:
+  hosts: [pim.example.com]
+  location: MESH_EXTERNAL
+  resolution: DNS
+  ports: [{number: 443, name: tls, protocol: TLS}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: pim, namespace: shop}
+spec:
+  host: pim.example.com
+  trafficPolicy: {connectionPool: {tcp: {connectTimeout: 2s}}}
+";
+
+fn config_dump(c: &Cluster, k: usize) -> Value {
+    let body = c.admin_get(k, "/config_dump", None).unwrap().body;
+    serde_json::from_str(&body).unwrap_or_default()
+}
+
 #[test]
 fn state_and_policies_come_from_the_api() {
     let c = cluster();
@@ -122,6 +144,24 @@ fn state_and_policies_come_from_the_api() {
         c.write_policy("deny.yaml", "").unwrap();
         wait_for("the DENY deleted", WAIT, || result(&c, CART, &pod) == "ok");
     }
+
+    // The egress registry from Istio's networking group: a ServiceEntry
+    // and a DestinationRule applied through the API are in every agent's
+    // /config_dump; deleted, they are gone.
+    c.write_policy("egress.yaml", PIM_EGRESS).unwrap();
+    wait_for("the ServiceEntry in /config_dump", WAIT, || {
+        (0..2).all(|k| {
+            let registry = &config_dump(&c, k)["registry"];
+            registry["serviceEntries"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|e| e["hosts"][0] == "pim.example.com"))
+                && registry["destinationRules"][0]["name"] == "shop/pim"
+        })
+    });
+    c.write_policy("egress.yaml", "").unwrap();
+    wait_for("the ServiceEntry deleted", WAIT, || {
+        config_dump(&c, 1)["registry"]["serviceEntries"] == serde_json::json!([])
+    });
 
     // An invalid object keeps the last good set in force, also for an agent
     // restarted meanwhile: it starts with the set it saved.

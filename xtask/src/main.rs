@@ -249,8 +249,9 @@ fn setup() -> Result<OsString> {
 }
 
 /// Debian packages the root tests use, with the files they need from each:
-/// the metrics test's Prometheus, the CNI test's reference plugins.
-const DEBIAN_PACKAGES: [(&str, &[&str]); 6] = [
+/// the metrics test's Prometheus, the CNI test's reference plugins, the DNS
+/// test's server and clients.
+const DEBIAN_PACKAGES: [(&str, &[&str]); 10] = [
     // The manifests check's venv, the import-cycle tool and the CNI test's
     // unprivileged client.
     ("python3-minimal", &["/usr/bin/python3"]),
@@ -264,6 +265,15 @@ const DEBIAN_PACKAGES: [(&str, &[&str]); 6] = [
     ("iperf3", &["/usr/bin/iperf3"]),
     ("sockperf", &["/usr/bin/sockperf"]),
     ("linux-perf", &["/usr/bin/perf"]),
+    // The DNS test: the lab's DNS server (dnsmasq's binary only, without
+    // the package that runs it as the host's service) and the pods' real
+    // clients (`dig`, curl's name lookup; `getent` is libc's).
+    ("dnsmasq-base", &["/usr/sbin/dnsmasq"]),
+    ("bind9-dnsutils", &["/usr/bin/dig"]),
+    ("curl", &["/usr/bin/curl"]),
+    // h2load, for HTTP/2 load on the third parties (the egress bench);
+    // the third-party tests use curl, above.
+    ("nghttp2-client", &["/usr/bin/h2load"]),
 ];
 
 /// The Debian packages whose files are missing. Only root can install
@@ -402,9 +412,11 @@ fn test(root: &Path, path: &OsString, args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Runs every fuzz target for a bounded time (nightly, libFuzzer); a panic,
-/// an input slower than 10 s or one that takes 2 GiB fails the run and
-/// leaves its input under agent/fuzz/artifacts. Without AddressSanitizer:
+/// Runs every fuzz target (each `[[bin]]` of agent/fuzz/Cargo.toml, as
+/// `cargo fuzz list` names them; seeds in agent/fuzz/corpus/<target>) for a
+/// bounded time (nightly, libFuzzer); a panic, an input slower than 10 s or
+/// one that takes 2 GiB fails the run and leaves its input under
+/// agent/fuzz/artifacts. Without AddressSanitizer:
 /// the fuzzed parsers are safe Rust (`unsafe` is denied outside `common`
 /// and the eBPF crate), so it would find nothing more, and it cost ~2 min
 /// of every CI run to build (6m22 vs 4m50 measured). The eBPF object is not

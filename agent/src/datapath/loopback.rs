@@ -20,7 +20,7 @@ use nodemesh_common::{
     AF_INET, AF_INET6, EnrolledPod, FlowKey, OUTBOUND_PORT, OrigDst, SockKey, user::ip_to_words,
 };
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 
 use super::{Datapath, NetnsHandle, PodNetwork, PodNetworks};
 use crate::state::Pod;
@@ -152,6 +152,13 @@ pub struct LoopbackNetwork {
     ip: Ipv4Addr,
 }
 
+impl LoopbackNetwork {
+    /// The pod at `ip`, which must be a loopback address.
+    pub fn new(ip: Ipv4Addr) -> Self {
+        Self { ip }
+    }
+}
+
 fn unsupported(what: &str) -> io::Error {
     io::Error::new(
         io::ErrorKind::Unsupported,
@@ -206,6 +213,29 @@ impl PodNetwork for LoopbackNetwork {
         socket.bind(SocketAddr::from((source, 0)))?;
         socket.set_nodelay(true)?;
         Ok(socket)
+    }
+
+    /// The pod's own address stands in for `127.0.0.1`.
+    fn udp_bind(&self, addr: SocketAddr) -> io::Result<UdpSocket> {
+        if addr.is_ipv6() {
+            return Err(unsupported("IPv6"));
+        }
+        let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::from((self.ip, addr.port())).into())?;
+        s.set_nonblocking(true)?;
+        UdpSocket::from_std(s.into())
+    }
+
+    /// From the pod's address (no mark: one namespace, no hooks).
+    fn udp_socket(&self, peer: SocketAddr, _mark: u32) -> io::Result<UdpSocket> {
+        if peer.is_ipv6() {
+            return Err(unsupported("IPv6"));
+        }
+        let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+        s.bind(&SocketAddr::from((self.ip, 0)).into())?;
+        s.set_nonblocking(true)?;
+        UdpSocket::from_std(s.into())
     }
 }
 

@@ -15,7 +15,7 @@ use std::{
 };
 
 use nodemesh_common::{EnrolledPod, FlowKey, OrigDst, SockKey};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 
 use crate::state::Pod;
 
@@ -60,6 +60,12 @@ pub trait PodNetwork: Send + Sync + fmt::Debug {
     /// An unconnected socket inside the pod carrying `mark`; from a
     /// loopback source (`127.0.0.6`, `::1`) when `from_loopback`.
     fn socket(&self, peer: SocketAddr, mark: u32, from_loopback: bool) -> io::Result<TcpSocket>;
+    /// A UDP socket bound to `addr` inside the pod (IPv6: v6 only), with
+    /// SO_REUSEPORT so a new agent binds beside the old.
+    fn udp_bind(&self, addr: SocketAddr) -> io::Result<UdpSocket>;
+    /// An unbound UDP socket inside the pod, of `peer`'s family, carrying
+    /// `mark`.
+    fn udp_socket(&self, peer: SocketAddr, mark: u32) -> io::Result<UdpSocket>;
 }
 
 /// A pod's network namespace as the CNI plugin handed it over: open (so

@@ -16,6 +16,8 @@ use std::{
 
 use tokio::time::Instant;
 
+use crate::hostname::normalize;
+
 /// How long past its TTL an answer still names its addresses.
 pub const GRACE: Duration = Duration::from_secs(30);
 /// Records kept per pod; past it the soonest to expire go first (a pod
@@ -33,11 +35,6 @@ struct Record {
 pub struct DnsRecords {
     /// Workload id -> that pod's records.
     pods: Mutex<HashMap<u32, Vec<Record>>>,
-}
-
-/// A name as compared: lowercase, without the root's trailing dot.
-pub fn normalize(name: &str) -> String {
-    name.trim_end_matches('.').to_ascii_lowercase()
 }
 
 impl DnsRecords {

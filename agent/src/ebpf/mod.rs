@@ -19,14 +19,14 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SkLookup, SkMsg, SockOps,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, SkLookup, SkMsg, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
 use nodemesh_common::{
-    EnrolledPod, FlowKey, Ip6Words, MAP_CAPTURE, MAP_CONFIG, MAP_COUNTERS, MAP_ENROLLED,
-    MAP_ORIG_DST, MAP_PENDING, MAP_SOCKHASH, OrigDst, ProgramConfig, SockKey, counter,
-    user::ip_to_words,
+    EnrolledPod, FlowKey, Ip6Words, MAP_CAPTURE, MAP_CONFIG, MAP_COUNTERS, MAP_DNS_ORIG,
+    MAP_ENROLLED, MAP_ORIG_DST, MAP_PENDING, MAP_SOCKHASH, OrigDst, ProgramConfig, SockKey,
+    counter, user::ip_to_words,
 };
 use tracing::{debug, info, warn};
 
@@ -39,7 +39,16 @@ use crate::{
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodemesh"));
 
 /// Cgroup programs, by function name in the eBPF crate.
-const CGROUP_PROGRAMS: [&str; 3] = ["nm_connect4", "nm_connect6", "nm_sock_ops"];
+const CGROUP_PROGRAMS: [&str; 8] = [
+    "nm_connect4",
+    "nm_connect6",
+    "nm_sock_ops",
+    "nm_sendmsg4",
+    "nm_sendmsg6",
+    "nm_recvmsg4",
+    "nm_recvmsg6",
+    "nm_sock_release",
+];
 const SK_MSG_PROGRAM: &str = "nm_sk_msg";
 const SK_LOOKUP_PROGRAM: &str = "nm_sk_lookup";
 /// Prefix of the per-pod sk_lookup link pins under `links/`.
@@ -181,6 +190,8 @@ pub struct Settings<'a> {
     pub socket_mark: u32,
     pub sockmap: bool,
     pub ebpf_log: EbpfLog,
+    /// Enrolled pods' UDP DNS to the agent (`dns.capture`).
+    pub dns_capture: bool,
 }
 
 fn check_bpffs(dir: &Path) -> Result<(), KernelError> {
@@ -227,7 +238,7 @@ impl Kernel {
             EbpfLog::Off => 0,
             EbpfLog::Debug => 4,
         };
-        drop_resized_counters(&maps_dir);
+        drop_resized_pins(&maps_dir);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .override_global("AYA_LOG_LEVEL", &log_level, false)
@@ -258,6 +269,7 @@ impl Kernel {
             ProgramConfig {
                 agent_mark: s.socket_mark,
                 sockmap_enabled: u32::from(s.sockmap),
+                dns_capture: u32::from(s.dns_capture),
             },
             0,
         )
@@ -276,6 +288,7 @@ impl Kernel {
             })?;
             let link = match name {
                 "nm_sock_ops" => attach_to_cgroup!(program, SockOps, &cgroup, name),
+                "nm_sock_release" => attach_to_cgroup!(program, CgroupSock, &cgroup, name),
                 _ => attach_to_cgroup!(program, CgroupSockAddr, &cgroup, name),
             };
             replace_pinned_link(&links_dir.join(name), link, name)?;
@@ -320,6 +333,7 @@ impl Kernel {
             cgroup = %s.cgroup_path.display(),
             bpffs = %s.bpffs_dir.display(),
             sockmap = s.sockmap,
+            dns_capture = s.dns_capture,
             "eBPF programs attached"
         );
         Ok(Kernel {
@@ -390,6 +404,9 @@ fn event_name(index: usize) -> Option<&'static str> {
         c::MSG_REDIRECTED => "msg_redirected",
         c::INBOUND_CAPTURED => "inbound_captured",
         c::INBOUND_NO_LISTENER => "inbound_no_listener",
+        c::DNS_REDIRECTED => "dns_redirected",
+        c::DNS_REVERSED => "dns_reversed",
+        c::DNS_ORIG_FULL => "dns_orig_full",
         _ => return None,
     })
 }
@@ -535,21 +552,28 @@ fn is_busy(e: &aya::programs::ProgramError) -> bool {
 }
 
 /// aya reuses a pinned map whatever its size: a counter array pinned by an
-/// agent with fewer counters would silently drop the new ones. Counters are
-/// only statistics, so a differently sized pin is removed and recreated.
-fn drop_resized_counters(maps_dir: &Path) {
-    let pin = maps_dir.join(MAP_COUNTERS);
-    let Ok(info) = aya::maps::MapInfo::from_pin(&pin) else {
-        return;
-    };
-    if info.max_entries() != counter::COUNT {
-        match std::fs::remove_file(&pin) {
-            Ok(()) => info!(
-                was = info.max_entries(),
-                now = counter::COUNT,
-                "recreating the resized counter map"
-            ),
-            Err(e) => warn!("removing the resized counter map {}: {e}", pin.display()),
+/// agent with fewer counters would silently drop the new ones, and a
+/// settings value pinned by an agent with fewer settings would fail the
+/// programs' load (the verifier checks reads against the value size).
+/// Counters are only statistics and the settings are written at every
+/// start (programs still attached keep the map they were loaded with), so
+/// a differently sized pin is removed and recreated.
+fn drop_resized_pins(maps_dir: &Path) {
+    let config_size = std::mem::size_of::<ProgramConfig>() as u32;
+    for name in [MAP_COUNTERS, MAP_CONFIG] {
+        let pin = maps_dir.join(name);
+        let Ok(info) = aya::maps::MapInfo::from_pin(&pin) else {
+            continue;
+        };
+        let resized = match name {
+            MAP_COUNTERS => info.max_entries() != counter::COUNT,
+            _ => info.value_size() != config_size,
+        };
+        if resized {
+            match std::fs::remove_file(&pin) {
+                Ok(()) => info!(map = name, "recreating a resized pinned map"),
+                Err(e) => warn!("removing the resized map {}: {e}", pin.display()),
+            }
         }
     }
 }
@@ -594,12 +618,14 @@ pub fn pinned_map_sizes(bpffs_dir: &Path) -> Result<Vec<(&'static str, usize)>, 
     let orig: HashMap<_, FlowKey, OrigDst> = typed_map(MAP_ORIG_DST, H(open(MAP_ORIG_DST)?))?;
     let sockhash: SockHash<_, SockKey> = typed_map(MAP_SOCKHASH, S(open(MAP_SOCKHASH)?))?;
     let capture: SockHash<_, Ip6Words> = typed_map(MAP_CAPTURE, S(open(MAP_CAPTURE)?))?;
+    let dns: HashMap<_, u64, OrigDst> = typed_map(MAP_DNS_ORIG, L(open(MAP_DNS_ORIG)?))?;
     Ok(vec![
         (MAP_ENROLLED, enrolled.keys().count()),
         (MAP_PENDING, pending.keys().count()),
         (MAP_ORIG_DST, orig.keys().count()),
         (MAP_SOCKHASH, sockhash.keys().count()),
         (MAP_CAPTURE, capture.keys().count()),
+        (MAP_DNS_ORIG, dns.keys().count()),
     ])
 }
 

@@ -1,14 +1,14 @@
 //! Checks and compiles policy documents: what parsing cannot check (CIDRs,
 //! ports, principals, which fields belong to which kind), each error with the
 //! file, line, column and field path.
-use std::{
-    collections::BTreeMap,
-    fmt,
-    net::IpAddr,
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeMap, path::Path};
 
-use super::model::{Condition, Document, Operation, S, Source, Spec};
+pub use super::diagnostics::{PolicyError, PolicyWarning};
+use super::{
+    diagnostics::Ctx,
+    model::{Condition, Document, Operation, S, Source, Spec},
+};
+pub use crate::ipblock::IpBlock;
 
 /// API groups accepted unchanged: Istio's and ours.
 pub const API_VERSIONS: [&str; 4] = [
@@ -18,44 +18,16 @@ pub const API_VERSIONS: [&str; 4] = [
     "security.nodemesh.dev/v1alpha1",
 ];
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PolicyError {
-    pub file: PathBuf,
-    pub line: u64,
-    pub column: u64,
-    pub field: String,
-    pub message: String,
-}
+/// Istio's networking group, for ServiceEntry and DestinationRule.
+pub const NETWORKING_API_VERSIONS: [&str; 3] = [
+    "networking.istio.io/v1",
+    "networking.istio.io/v1beta1",
+    "networking.istio.io/v1alpha3",
+];
 
-impl fmt::Display for PolicyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}: {}",
-            self.file.display(),
-            self.line,
-            self.column,
-            self.field,
-            self.message
-        )
-    }
-}
-
-impl std::error::Error for PolicyError {}
-
-/// Something accepted but not enforced as written (L7 fields at L4).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PolicyWarning {
-    pub policy: String,
-    pub field: String,
-    pub message: String,
-}
-
-impl fmt::Display for PolicyWarning {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}: {}", self.policy, self.field, self.message)
-    }
-}
+/// The kinds of each group.
+const SECURITY_KINDS: [&str; 2] = ["AuthorizationPolicy", "PeerAuthentication"];
+const NETWORKING_KINDS: [&str; 2] = ["ServiceEntry", "DestinationRule"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -93,70 +65,6 @@ impl StrMatch {
             Self::Prefix(p) => v.starts_with(p.as_str()),
             Self::Suffix(s) => v.ends_with(s.as_str()),
         }
-    }
-}
-
-/// An address block: `10.0.0.0/8`, `fd00::/16` or a single address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpBlock {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    }
-}
-
-impl IpBlock {
-    pub fn parse(v: &str) -> Result<Self, String> {
-        let (ip, prefix) = match v.split_once('/') {
-            Some((ip, p)) => (ip, Some(p)),
-            None => (v, None),
-        };
-        let addr: IpAddr = ip
-            .parse()
-            .map_err(|_| format!("{v:?} is not an IP address or CIDR block"))?;
-        let addr = canonical(addr);
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("{v:?}: prefix length must be 0..={max}"))?,
-            None => max,
-        };
-        Ok(Self { addr, prefix })
-    }
-
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let bits = |ip: IpAddr| -> u128 {
-            match ip {
-                IpAddr::V4(v4) => u128::from(u32::from(v4)) << 96,
-                IpAddr::V6(v6) => u128::from(v6),
-            }
-        };
-        let ip = canonical(ip);
-        if ip.is_ipv4() != self.addr.is_ipv4() {
-            return false;
-        }
-        if self.prefix == 0 {
-            return true;
-        }
-        let shift = if self.addr.is_ipv4() {
-            32 - u32::from(self.prefix)
-        } else {
-            128 - u32::from(self.prefix)
-        };
-        let shift = if self.addr.is_ipv4() {
-            shift + 96
-        } else {
-            shift
-        };
-        (bits(ip) >> shift) == (bits(self.addr) >> shift)
     }
 }
 
@@ -254,51 +162,9 @@ pub struct PeerAuthentication {
 pub struct Compiled {
     pub authorization: Vec<AuthorizationPolicy>,
     pub peer_authentication: Vec<PeerAuthentication>,
+    pub service_entries: Vec<crate::registry::ServiceEntry>,
+    pub destination_rules: Vec<crate::registry::DestinationRule>,
     pub warnings: Vec<PolicyWarning>,
-}
-
-struct Ctx<'a> {
-    file: &'a Path,
-    errors: Vec<PolicyError>,
-    warnings: Vec<PolicyWarning>,
-    policy: String,
-}
-
-impl Ctx<'_> {
-    fn error(&mut self, at: &S, field: impl Into<String>, message: impl Into<String>) {
-        self.errors.push(PolicyError {
-            file: self.file.to_owned(),
-            line: at.referenced.line(),
-            column: at.referenced.column(),
-            field: field.into(),
-            message: message.into(),
-        });
-    }
-
-    fn warn(&mut self, field: impl Into<String>, message: &str) {
-        self.warnings.push(PolicyWarning {
-            policy: self.policy.clone(),
-            field: field.into(),
-            message: message.into(),
-        });
-    }
-
-    fn list<T>(
-        &mut self,
-        values: &Option<Vec<S>>,
-        path: &str,
-        parse: impl Fn(&str) -> Result<T, String>,
-    ) -> Option<Vec<T>> {
-        let values = values.as_ref()?;
-        let mut out = Vec::with_capacity(values.len());
-        for (i, v) in values.iter().enumerate() {
-            match parse(&v.value) {
-                Ok(t) => out.push(t),
-                Err(m) => self.error(v, format!("{path}[{i}]"), m),
-            }
-        }
-        Some(out)
-    }
 }
 
 fn parse_port(v: &str) -> Result<u16, String> {
@@ -552,6 +418,9 @@ fn mtls_mode(ctx: &mut Ctx<'_>, m: &S, path: &str) -> MtlsMode {
 
 /// Fields present in `spec` that `kind` does not have.
 fn foreign_fields(kind: &str, spec: &Spec) -> Vec<&'static str> {
+    if NETWORKING_KINDS.contains(&kind) {
+        return super::networking::foreign_fields(kind, spec);
+    }
     let mut out = Vec::new();
     let authz = kind == "AuthorizationPolicy";
     if authz {
@@ -578,6 +447,7 @@ fn foreign_fields(kind: &str, spec: &Spec) -> Vec<&'static str> {
             out.push("targetRefs");
         }
     }
+    out.extend(super::networking::foreign_fields(kind, spec));
     out
 }
 
@@ -591,14 +461,19 @@ pub fn compile(file: &Path, docs: &[Document], out: &mut Compiled) -> Result<(),
     };
     for (d, doc) in docs.iter().enumerate() {
         let at = |f: &str| format!("document {d}: {f}");
-        if !API_VERSIONS.contains(&doc.api_version.value.as_str()) {
+        let kind = doc.kind.value.as_str();
+        let versions: &[&str] = match kind {
+            k if NETWORKING_KINDS.contains(&k) => &NETWORKING_API_VERSIONS,
+            _ => &API_VERSIONS,
+        };
+        if !versions.contains(&doc.api_version.value.as_str()) {
             ctx.error(
                 &doc.api_version,
                 at("apiVersion"),
                 format!(
-                    "{:?} is not one of {}",
+                    "{:?} is not one of {} (for {kind})",
                     doc.api_version.value,
-                    API_VERSIONS.join(", ")
+                    versions.join(", ")
                 ),
             );
             continue;
@@ -610,12 +485,15 @@ pub fn compile(file: &Path, docs: &[Document], out: &mut Compiled) -> Result<(),
             .map(|n| n.value.clone())
             .unwrap_or_else(|| "default".into());
         ctx.policy = format!("{namespace}/{}", doc.metadata.name.value);
-        let kind = doc.kind.value.as_str();
-        if kind != "AuthorizationPolicy" && kind != "PeerAuthentication" {
+        if !SECURITY_KINDS.contains(&kind) && !NETWORKING_KINDS.contains(&kind) {
             ctx.error(
                 &doc.kind,
                 at("kind"),
-                format!("{kind:?} is not AuthorizationPolicy or PeerAuthentication"),
+                format!(
+                    "{kind:?} is not one of {}, {}",
+                    SECURITY_KINDS.join(", "),
+                    NETWORKING_KINDS.join(", ")
+                ),
             );
             continue;
         }
@@ -625,6 +503,27 @@ pub fn compile(file: &Path, docs: &[Document], out: &mut Compiled) -> Result<(),
                 at(&format!("spec.{f}")),
                 format!("not a field of {kind}"),
             );
+        }
+        match kind {
+            "ServiceEntry" => {
+                if let Some(e) = super::networking::service_entry(&mut ctx, doc, &namespace, &at) {
+                    out.service_entries.push(e);
+                }
+                continue;
+            }
+            "DestinationRule" => {
+                if let Some(r) = super::networking::destination_rule(
+                    &mut ctx,
+                    doc,
+                    &namespace,
+                    file.parent(),
+                    &at,
+                ) {
+                    out.destination_rules.push(r);
+                }
+                continue;
+            }
+            _ => {}
         }
         // `selector: {}` selects nothing in particular: namespace-wide.
         let selector = doc

@@ -1,5 +1,6 @@
 //! AuthorizationPolicy and PeerAuthentication objects from the Kubernetes
-//! API, applied as one set through the same checks as the policy
+//! API, with the egress registry's ServiceEntry and DestinationRule
+//! objects, applied as one set through the same checks as the policy
 //! directory: all or nothing, the last good set stays in force. An invalid
 //! object is logged and counted by the store and reported as a Kubernetes
 //! Event on the object itself, naming the field (`kubectl describe`
@@ -7,8 +8,9 @@
 //!
 //! Watched: the kinds of every group asked for that the API server serves
 //! (Istio's `security.istio.io` and the same schema as
-//! `security.nodemesh.dev`), found by discovery and looked up again every
-//! minute, so CRDs installed after the agent are picked up.
+//! `security.nodemesh.dev`; Istio's `networking.istio.io`), found by
+//! discovery and looked up again every minute, so CRDs installed after the
+//! agent are picked up.
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     path::PathBuf,
@@ -38,8 +40,12 @@ use crate::yaml::YamlError;
 pub const ISTIO_GROUP: &str = "security.istio.io";
 /// Ours, with Istio's schema, for clusters without Istio's CRDs.
 pub const NODEMESH_GROUP: &str = "security.nodemesh.dev";
+/// Istio's ServiceEntry and DestinationRule (the egress registry),
+/// unchanged; no group of ours has them.
+pub const NETWORKING_GROUP: &str = "networking.istio.io";
 const VERSION: &str = "v1";
-const KINDS: [&str; 2] = ["AuthorizationPolicy", "PeerAuthentication"];
+const SECURITY_KINDS: [&str; 2] = ["AuthorizationPolicy", "PeerAuthentication"];
+const NETWORKING_KINDS: [&str; 2] = ["ServiceEntry", "DestinationRule"];
 /// How often the served groups are looked up again.
 const REDISCOVER: Duration = Duration::from_secs(60);
 /// Between discovery attempts that failed (API server unreachable).
@@ -57,6 +63,14 @@ struct Object {
     reference: ObjectReference,
 }
 
+/// The kinds watched in `group` (a group is served when all are).
+fn kinds_of(group: &str) -> &'static [&'static str] {
+    match group {
+        NETWORKING_GROUP => &NETWORKING_KINDS,
+        _ => &SECURITY_KINDS,
+    }
+}
+
 /// Keeps the policy store in line with the API while it is kept.
 pub struct KubePolicySource {
     task: tokio::task::JoinHandle<()>,
@@ -70,15 +84,15 @@ impl Drop for KubePolicySource {
 }
 
 impl KubePolicySource {
-    /// Watches `groups` (each watched when served). With `required`, a
-    /// group that is not served keeps the agent waiting (logged); without,
-    /// no served group means an empty set. `node` names the reporter of
-    /// Events.
+    /// Watches the groups of `required` and `optional`, each when served.
+    /// A `required` group that is not served keeps the agent waiting
+    /// (logged); an optional one is watched once it is, and none served
+    /// means an empty set. `node` names the reporter of Events.
     pub fn start(
         client: Client,
         store: Arc<PolicyStore>,
-        groups: Vec<&'static str>,
-        required: bool,
+        required: Vec<&'static str>,
+        optional: Vec<&'static str>,
         node: &str,
         saved: PathBuf,
     ) -> Self {
@@ -96,7 +110,7 @@ impl KubePolicySource {
             loaded: loaded_tx,
             saved,
         };
-        let task = tokio::spawn(run(client, sink, groups, required));
+        let task = tokio::spawn(run(client, sink, required, optional));
         Self { task, loaded }
     }
 
@@ -128,7 +142,7 @@ async fn served_groups(client: &Client, groups: &[&'static str]) -> Option<Vec<&
         {
             Ok(list) => {
                 let kinds: HashSet<&str> = list.resources.iter().map(|r| r.kind.as_str()).collect();
-                if KINDS.iter().all(|k| kinds.contains(k)) {
+                if kinds_of(group).iter().all(|k| kinds.contains(k)) {
                     served.push(*group);
                 }
             }
@@ -142,7 +156,8 @@ async fn served_groups(client: &Client, groups: &[&'static str]) -> Option<Vec<&
     Some(served)
 }
 
-async fn run(client: Client, sink: Sink, groups: Vec<&'static str>, required: bool) {
+async fn run(client: Client, sink: Sink, required: Vec<&'static str>, optional: Vec<&'static str>) {
+    let groups: Vec<&'static str> = required.iter().chain(&optional).copied().collect();
     // A group once served stays watched: a discovery answer that briefly
     // lacks it (an API server whose CRD cache is not synced yet) must not
     // drop its DENY policies. Its watch retries until it is back.
@@ -163,8 +178,8 @@ async fn run(client: Client, sink: Sink, groups: Vec<&'static str>, required: bo
         }
         served.sort();
         ever_served.clone_from(&served);
-        let missing: Vec<_> = groups.iter().filter(|g| !served.contains(g)).collect();
-        if required && !missing.is_empty() {
+        let missing: Vec<_> = required.iter().filter(|g| !served.contains(g)).collect();
+        if !missing.is_empty() {
             error!(
                 ?missing,
                 "policy CRDs not served: install them (deploy/kubernetes) or set kubernetes.policies: auto; no policy set is loaded until then"
@@ -172,7 +187,8 @@ async fn run(client: Client, sink: Sink, groups: Vec<&'static str>, required: bo
             tokio::time::sleep(REDISCOVER).await;
             continue;
         }
-        info!(groups = ?served, "watching policy objects");
+        let absent: Vec<_> = optional.iter().filter(|g| !served.contains(g)).collect();
+        info!(groups = ?served, not_served = ?absent, "watching policy objects (groups not served are looked up again every minute)");
         watch_groups(&client, &sink, &served, &groups).await;
     }
 }
@@ -186,7 +202,10 @@ async fn watch_groups(
     served: &[&'static str],
     groups: &[&'static str],
 ) {
-    let kinds: Vec<(&str, &str)> = served.iter().flat_map(|g| KINDS.map(|k| (*g, k))).collect();
+    let kinds: Vec<(&str, &str)> = served
+        .iter()
+        .flat_map(|g| kinds_of(g).iter().map(|k| (*g, *k)))
+        .collect();
     let streams: Vec<BoxStream<'static, Item>> = kinds
         .iter()
         .enumerate()
@@ -505,6 +524,265 @@ mod tests {
         // All or nothing: the valid set stays.
         assert_eq!(store.names(), ["shop/deny-8080"]);
         assert_eq!(store.generation(), 1);
+    }
+
+    /// The policy source against the scripted FAKE API server
+    /// (`state::kube::fake_apiserver`): discovery, lists, watches and the
+    /// Events posted, through the real kube-rs client.
+    mod api {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        use serde_json::Value;
+        use tokio::sync::Notify;
+
+        use super::*;
+        use crate::state::kube::fake_apiserver::{FakeApiServer, Recorded, WatchScript};
+
+        const WAIT: Duration = Duration::from_secs(20);
+        const AP: &str = "/apis/security.istio.io/v1/authorizationpolicies";
+        const PA: &str = "/apis/security.istio.io/v1/peerauthentications";
+        const SE: &str = "/apis/networking.istio.io/v1/serviceentries";
+        const DR: &str = "/apis/networking.istio.io/v1/destinationrules";
+        const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/shop/events";
+
+        /// Istio's CRDs served (the networking group if asked), with these
+        /// AuthorizationPolicies and no PeerAuthentication.
+        fn istio(fake: &FakeApiServer, networking: bool, policies: Vec<Value>) {
+            fake.serve_group(
+                "security.istio.io/v1",
+                &[
+                    ("AuthorizationPolicy", "authorizationpolicies"),
+                    ("PeerAuthentication", "peerauthentications"),
+                ],
+            );
+            fake.list(AP, "", "", "AuthorizationPolicyList", policies);
+            fake.list(PA, "", "", "PeerAuthenticationList", vec![]);
+            if networking {
+                fake.serve_group(
+                    "networking.istio.io/v1",
+                    &[
+                        ("ServiceEntry", "serviceentries"),
+                        ("DestinationRule", "destinationrules"),
+                        ("VirtualService", "virtualservices"),
+                    ],
+                );
+            }
+        }
+
+        fn service_entry(name: &str, port: u32, rv: &str) -> Value {
+            json!({
+                "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+                "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"),
+                             "resourceVersion": rv},
+                "spec": {"hosts": [format!("{name}.example.com")], "location": "MESH_EXTERNAL",
+                         "resolution": "DNS",
+                         "ports": [{"number": port, "name": "https", "protocol": "TLS"}]},
+            })
+        }
+
+        fn destination_rule() -> Value {
+            json!({
+                "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+                "metadata": {"name": "pim", "namespace": "shop", "uid": "uid-dr",
+                             "resourceVersion": "11"},
+                "spec": {"host": "pim.example.com", "trafficPolicy": {"connectionPool":
+                         {"tcp": {"connectTimeout": "250ms", "maxConnections": 5}}}},
+            })
+        }
+
+        fn saved_file() -> PathBuf {
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let n = N.fetch_add(1, Ordering::Relaxed);
+            std::env::temp_dir().join(format!(
+                "nodemesh-kube-policies-{}-{n}.json",
+                std::process::id()
+            ))
+        }
+
+        fn start(
+            fake: &FakeApiServer,
+            required: Vec<&'static str>,
+            optional: Vec<&'static str>,
+        ) -> (KubePolicySource, Arc<PolicyStore>, PathBuf) {
+            let store = Arc::new(PolicyStore::new("istio-system", PolicyMetrics::default()));
+            let saved = saved_file();
+            let source = KubePolicySource::start(
+                fake.client(),
+                store.clone(),
+                required,
+                optional,
+                "node-a",
+                saved.clone(),
+            );
+            (source, store, saved)
+        }
+
+        async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+            let deadline = tokio::time::Instant::now() + WAIT;
+            while !f() {
+                assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+
+        async fn loaded(source: &KubePolicySource) {
+            let mut loaded = source.loaded();
+            tokio::time::timeout(WAIT, loaded.wait_for(|l| *l))
+                .await
+                .expect("the set loaded in time")
+                .expect("the source runs");
+        }
+
+        fn posted_events(fake: &FakeApiServer) -> Vec<Value> {
+            fake.requests()
+                .iter()
+                .filter(|r: &&Recorded| r.method == "POST" && r.path == EVENTS)
+                .map(|r| serde_json::from_str(&r.body).expect("an Event"))
+                .collect()
+        }
+
+        #[tokio::test]
+        async fn service_entries_and_destination_rules_from_the_api_are_in_the_registry() {
+            let fake = FakeApiServer::start().await;
+            istio(&fake, true, vec![]);
+            fake.list(
+                SE,
+                "",
+                "",
+                "ServiceEntryList",
+                vec![service_entry("pim", 443, "10")],
+            );
+            fake.list(DR, "", "", "DestinationRuleList", vec![destination_rule()]);
+            let (source, store, saved) = start(
+                &fake,
+                vec![],
+                vec![ISTIO_GROUP, NODEMESH_GROUP, NETWORKING_GROUP],
+            );
+            loaded(&source).await;
+            let registry = store.registry();
+            let pim = registry.by_name("pim.example.com", 443).expect("pim");
+            assert_eq!(pim.entry.name, "shop/pim");
+            let policy = registry.connect_policy("pim.example.com", 443);
+            assert_eq!(policy.rule.as_deref(), Some("shop/pim"));
+            assert_eq!(policy.connect_timeout, Some(Duration::from_millis(250)));
+            assert_eq!(policy.max_connections, Some(5));
+            // Listed and watched like the security kinds; ours not served.
+            for path in [SE, DR, AP, PA] {
+                wait_until(&format!("a watch of {path}"), || {
+                    fake.requests()
+                        .iter()
+                        .any(|r| r.path == path && r.is_watch())
+                })
+                .await;
+            }
+            assert!(
+                fake.requests()
+                    .iter()
+                    .any(|r| r.path == "/apis/security.nodemesh.dev/v1")
+            );
+            // The set saved for a restart holds them too.
+            let text = std::fs::read_to_string(&saved).expect("saved set");
+            assert!(text.contains("ServiceEntry shop/pim (networking.istio.io/v1)"));
+            drop(source);
+            let _ = std::fs::remove_file(saved);
+        }
+
+        #[tokio::test]
+        async fn an_invalid_service_entry_gets_an_event_naming_the_field_and_the_set_stays() {
+            let fake = FakeApiServer::start().await;
+            istio(&fake, true, vec![]);
+            fake.list(
+                SE,
+                "",
+                "",
+                "ServiceEntryList",
+                vec![service_entry("pim", 443, "10")],
+            );
+            fake.list(DR, "", "", "DestinationRuleList", vec![]);
+            let (bad, fixed) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+            // The watch ends after the bad object; the next one fixes it.
+            fake.watch(
+                SE,
+                "",
+                "",
+                WatchScript {
+                    wait: Some(bad.clone()),
+                    events: vec![
+                        json!({"type": "ADDED", "object": service_entry("notify", 70000, "12")}),
+                    ],
+                    end: true,
+                },
+            );
+            fake.watch(
+                SE,
+                "",
+                "",
+                WatchScript {
+                    wait: Some(fixed.clone()),
+                    events: vec![
+                        json!({"type": "MODIFIED", "object": service_entry("notify", 8443, "13")}),
+                    ],
+                    end: false,
+                },
+            );
+            let (source, store, saved) = start(&fake, vec![ISTIO_GROUP], vec![NETWORKING_GROUP]);
+            loaded(&source).await;
+            assert_eq!(store.generation(), 1);
+            bad.notify_one();
+            wait_until("the Event", || !posted_events(&fake).is_empty()).await;
+            let events = posted_events(&fake);
+            let event = &events[0];
+            assert_eq!(event["type"], "Warning", "{event}");
+            assert_eq!(event["reason"], "InvalidPolicy");
+            assert_eq!(event["regarding"]["kind"], "ServiceEntry");
+            assert_eq!(event["regarding"]["name"], "notify");
+            assert_eq!(event["regarding"]["apiVersion"], "networking.istio.io/v1");
+            assert_eq!(event["regarding"]["uid"], "uid-notify");
+            let note = event["note"].as_str().unwrap_or_default();
+            assert!(note.contains("spec.ports[0].number: "), "{note}");
+            // All or nothing: the last good set stays.
+            assert_eq!(store.generation(), 1);
+            assert!(store.registry().by_name("pim.example.com", 443).is_some());
+            assert_eq!(store.registry().entries().len(), 1);
+            fixed.notify_one();
+            wait_until("the fixed set", || store.generation() == 2).await;
+            let registry = store.registry();
+            assert!(registry.by_name("notify.example.com", 8443).is_some());
+            assert!(registry.by_name("pim.example.com", 443).is_some());
+            assert_eq!(posted_events(&fake).len(), 1, "one Event per error");
+            drop(source);
+            let _ = std::fs::remove_file(saved);
+        }
+
+        #[tokio::test]
+        async fn without_the_networking_group_the_set_still_loads() {
+            let fake = FakeApiServer::start().await;
+            let policy = json!({
+                "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                "metadata": {"name": "deny-8080", "namespace": "shop", "resourceVersion": "3"},
+                "spec": {"action": "DENY", "rules": [{"to": [{"operation": {"ports": ["8080"]}}]}]},
+            });
+            istio(&fake, false, vec![policy]);
+            let (source, store, saved) = start(&fake, vec![ISTIO_GROUP], vec![NETWORKING_GROUP]);
+            loaded(&source).await;
+            assert_eq!(store.names(), ["shop/deny-8080"]);
+            assert!(store.registry().is_empty());
+            let requests = fake.requests();
+            assert!(
+                requests
+                    .iter()
+                    .any(|r| r.path == "/apis/networking.istio.io/v1"),
+                "networking.istio.io was not looked up"
+            );
+            assert!(
+                !requests
+                    .iter()
+                    .any(|r| r.path.starts_with("/apis/networking.istio.io/v1/")),
+                "a group not served was watched: {requests:?}"
+            );
+            drop(source);
+            let _ = std::fs::remove_file(saved);
+        }
     }
 
     #[test]

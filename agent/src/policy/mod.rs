@@ -1,14 +1,18 @@
 //! Authorization policy: Istio's AuthorizationPolicy and PeerAuthentication
-//! documents read from a directory, checked strictly, compiled into an index.
+//! documents read from a directory, checked strictly, compiled into an index
+//! — with the egress registry's ServiceEntry and DestinationRule documents,
+//! which live in the same directory and change with the same set.
 //!
 //! A set is all or nothing: one invalid file rejects the whole set and the
 //! last good set stays in force (a half-applied set could allow what the
 //! author meant to deny).
 mod compile;
+mod diagnostics;
 mod engine;
 #[cfg(feature = "kubernetes")]
 pub mod kube;
 mod model;
+mod networking;
 mod peer_auth;
 mod store;
 
@@ -30,6 +34,8 @@ pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 pub struct Loaded {
     pub authorization: PolicySet,
     pub peer_authentication: PeerAuthSet,
+    /// ServiceEntries and DestinationRules.
+    pub registry: crate::registry::ServiceRegistry,
     pub warnings: Vec<PolicyWarning>,
     pub files: Vec<PathBuf>,
 }
@@ -105,6 +111,10 @@ pub fn compile_texts(texts: &Texts, root_namespace: &str) -> Result<Loaded, Load
     Ok(Loaded {
         authorization: PolicySet::new(compiled.authorization, root_namespace),
         peer_authentication: PeerAuthSet::new(compiled.peer_authentication, root_namespace),
+        registry: crate::registry::ServiceRegistry::new(
+            compiled.service_entries,
+            compiled.destination_rules,
+        ),
         warnings: compiled.warnings,
         files,
     })
@@ -137,5 +147,7 @@ pub fn fuzz_policy_file(data: &[u8]) {
     });
 }
 
+#[cfg(test)]
+mod networking_tests;
 #[cfg(test)]
 mod tests;

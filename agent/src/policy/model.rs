@@ -1,13 +1,17 @@
 //! Policy documents as users write them: Kubernetes-style
 //! (`apiVersion`/`kind`/`metadata`/`spec`), several per file, Istio's
-//! AuthorizationPolicy and PeerAuthentication fields. Strings that need
-//! checks parsing cannot do carry their location (`Spanned`).
+//! AuthorizationPolicy, PeerAuthentication, ServiceEntry and
+//! DestinationRule fields. Strings and numbers that need checks parsing
+//! cannot do carry their location (`Spanned`).
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 pub type S = Spanned<String>;
+pub type N = Spanned<i64>;
+/// A part accepted as written and not honoured (a warning names it).
+pub type Any = serde_json::Value;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -30,7 +34,7 @@ pub struct Metadata {
     pub namespace: Option<S>,
 }
 
-/// The fields of both kinds' specs; which belong to which kind is checked
+/// The fields of every kind's spec; which belong to which kind is checked
 /// after parsing (and reported with the field's path).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -47,6 +51,134 @@ pub struct Spec {
     // PeerAuthentication
     pub mtls: Option<Mtls>,
     pub port_level_mtls: Option<BTreeMap<String, Mtls>>,
+    // ServiceEntry
+    pub hosts: Option<Vec<S>>,
+    pub addresses: Option<Vec<S>>,
+    pub ports: Option<Vec<ServicePort>>,
+    pub location: Option<S>,
+    pub resolution: Option<S>,
+    pub endpoints: Option<Vec<WorkloadEntry>>,
+    pub subject_alt_names: Option<Vec<S>>,
+    // ServiceEntry and DestinationRule
+    pub export_to: Option<Vec<S>>,
+    pub workload_selector: Option<Any>,
+    // DestinationRule
+    pub host: Option<S>,
+    pub traffic_policy: Option<TrafficPolicy>,
+    pub subsets: Option<Any>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServicePort {
+    pub number: N,
+    #[serde(default)]
+    pub protocol: Option<S>,
+    #[serde(default)]
+    pub name: Option<S>,
+    #[serde(default)]
+    pub target_port: Option<N>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadEntry {
+    pub address: Option<S>,
+    #[serde(default)]
+    pub ports: Option<BTreeMap<String, N>>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub locality: Option<S>,
+    #[serde(default)]
+    pub network: Option<S>,
+    #[serde(default)]
+    pub weight: Option<N>,
+    #[serde(default)]
+    pub service_account: Option<S>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TrafficPolicy {
+    pub load_balancer: Option<Any>,
+    pub connection_pool: Option<ConnectionPool>,
+    pub outlier_detection: Option<OutlierDetection>,
+    pub tls: Option<ClientTls>,
+    pub port_level_settings: Option<Vec<PortTrafficPolicy>>,
+    pub tunnel: Option<Any>,
+    pub proxy_protocol: Option<Any>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PortTrafficPolicy {
+    pub port: Option<PortSelector>,
+    pub load_balancer: Option<Any>,
+    pub connection_pool: Option<ConnectionPool>,
+    pub outlier_detection: Option<OutlierDetection>,
+    pub tls: Option<ClientTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PortSelector {
+    pub number: N,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConnectionPool {
+    pub tcp: Option<TcpSettings>,
+    pub http: Option<Any>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TcpSettings {
+    pub max_connections: Option<N>,
+    pub connect_timeout: Option<S>,
+    pub tcp_keepalive: Option<TcpKeepalive>,
+    pub max_connection_duration: Option<S>,
+    pub idle_timeout: Option<S>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TcpKeepalive {
+    pub probes: Option<N>,
+    pub time: Option<S>,
+    pub interval: Option<S>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutlierDetection {
+    pub consecutive_gateway_errors: Option<N>,
+    #[serde(rename = "consecutive5xxErrors")]
+    pub consecutive_5xx_errors: Option<N>,
+    pub interval: Option<S>,
+    pub base_ejection_time: Option<S>,
+    pub max_ejection_percent: Option<N>,
+    pub min_health_percent: Option<N>,
+    pub split_external_local_origin_errors: Option<bool>,
+    pub consecutive_local_origin_failures: Option<N>,
+    /// Deprecated in Istio, still accepted there.
+    pub consecutive_errors: Option<N>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ClientTls {
+    pub mode: S,
+    pub client_certificate: Option<S>,
+    pub private_key: Option<S>,
+    pub ca_certificates: Option<S>,
+    pub credential_name: Option<S>,
+    pub subject_alt_names: Option<Vec<S>>,
+    pub sni: Option<S>,
+    pub insecure_skip_verify: Option<bool>,
+    pub ca_crl: Option<S>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -29,6 +29,7 @@ pub const CONFIRM_CHANGE: Duration = Duration::from_millis(500);
 #[derive(Debug, Default)]
 struct InForce {
     authorization: PolicySet,
+    registry: Arc<crate::registry::ServiceRegistry>,
     peer_authentication: PeerAuthSet,
 }
 
@@ -102,6 +103,11 @@ impl PolicyStore {
             .load()
             .peer_authentication
             .requirement(namespace, labels, port)
+    }
+
+    /// The egress registry in force (ServiceEntries, DestinationRules).
+    pub fn registry(&self) -> Arc<crate::registry::ServiceRegistry> {
+        self.current.load().registry.clone()
     }
 
     /// `namespace/name` of every authorization policy in force.
@@ -197,8 +203,10 @@ impl PolicyStore {
         }
         let n = loaded.authorization.len();
         let peer = loaded.peer_authentication.len();
+        let entries = loaded.registry.entries().len();
         self.current.store(Arc::new(InForce {
             authorization: loaded.authorization,
+            registry: Arc::new(loaded.registry),
             peer_authentication: loaded.peer_authentication,
         }));
         *self.texts.lock().unwrap_or_else(PoisonError::into_inner) = texts;
@@ -207,6 +215,7 @@ impl PolicyStore {
             generation = self.generation(),
             policies = n,
             peer_authentication = peer,
+            service_entries = entries,
             files = loaded.files.len(),
             "policies loaded"
         );

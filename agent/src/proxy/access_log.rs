@@ -31,13 +31,25 @@ pub struct Entry {
     /// Where the application was connecting to (from the kernel), or the
     /// HBONE authority (destination reports).
     pub orig_dst: String,
-    /// The service the destination is a VIP of, if any.
+    /// The service the destination is a VIP of, if any, or the registry
+    /// host (ServiceEntry) it was named as.
     pub service: Option<String>,
+    /// A destination outside the mesh: the registry host it was named as.
+    pub host: Option<String>,
+    /// The SNI of a TLS client's ClientHello, when the agent read it.
+    pub sni: Option<String>,
     /// `namespace/name` of the destination pod, if it is in the mesh.
     pub dst_workload: Option<String>,
     pub dst_identity: Option<String>,
     /// The address the agent connected to.
     pub upstream: Option<String>,
+    /// Each connect attempt (several when a failed one was retried on
+    /// another endpoint), with why it failed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<Attempt>,
+    /// Why no further attempt was made, when one failed and retries stopped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_stopped: Option<&'static str>,
     /// `mutual_tls` across nodes (HBONE), `none` otherwise.
     pub security: &'static str,
     pub bytes_sent: u64,
@@ -67,9 +79,13 @@ impl Entry {
             src_identity: None,
             orig_dst: String::new(),
             service: None,
+            host: None,
+            sni: None,
             dst_workload: None,
             dst_identity: None,
             upstream: None,
+            attempts: Vec::new(),
+            retry_stopped: None,
             security: "none",
             bytes_sent: 0,
             bytes_received: 0,
@@ -77,6 +93,43 @@ impl Entry {
             result: "ok",
             response_flags: ResponseFlags::None,
             error: None,
+        }
+    }
+}
+
+/// One connect attempt of a connection.
+#[derive(Debug, Serialize)]
+pub struct Attempt {
+    pub endpoint: String,
+    pub ms: u128,
+    /// Why it failed; none: it connected.
+    pub error: Option<String>,
+    /// The failure ejected the endpoint (outlier detection).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub ejected: bool,
+}
+
+impl Attempt {
+    pub fn ok(endpoint: std::net::SocketAddr, took: std::time::Duration) -> Self {
+        Self {
+            endpoint: endpoint.to_string(),
+            ms: took.as_millis(),
+            error: None,
+            ejected: false,
+        }
+    }
+
+    pub fn failed(
+        endpoint: std::net::SocketAddr,
+        took: std::time::Duration,
+        error: &super::ProxyError,
+        ejected: bool,
+    ) -> Self {
+        Self {
+            endpoint: endpoint.to_string(),
+            ms: took.as_millis(),
+            error: Some(error.to_string()),
+            ejected,
         }
     }
 }
@@ -92,7 +145,14 @@ impl Entry {
                 Some(v) => v.into(),
             }
         }
-        let fields: [(&str, String); 19] = [
+        let attempts = (self.attempts.len() > 1).then(|| {
+            self.attempts
+                .iter()
+                .map(|a| format!("{}:{}", a.endpoint, a.error.as_deref().unwrap_or("ok")))
+                .collect::<Vec<_>>()
+                .join("; ")
+        });
+        let fields: [(&str, String); 22] = [
             ("reporter", self.reporter.into()),
             ("start_ms", self.start_ms.to_string()),
             ("duration_ms", self.duration_ms.to_string()),
@@ -102,9 +162,12 @@ impl Entry {
             ("forwarded_for", value(self.forwarded_for.as_deref())),
             ("orig_dst", value(Some(&self.orig_dst))),
             ("service", value(self.service.as_deref())),
+            ("host", value(self.host.as_deref())),
+            ("sni", value(self.sni.as_deref())),
             ("dst_workload", value(self.dst_workload.as_deref())),
             ("dst_identity", value(self.dst_identity.as_deref())),
             ("upstream", value(self.upstream.as_deref())),
+            ("attempts", value(attempts.as_deref())),
             ("security", self.security.into()),
             ("bytes_sent", self.bytes_sent.to_string()),
             ("bytes_received", self.bytes_received.to_string()),

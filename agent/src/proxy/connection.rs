@@ -8,6 +8,7 @@ use tokio::time::Instant;
 use super::{
     ProxyInputs,
     access_log::{AccessLog, Entry},
+    balance::ConnectionSlot,
     error::ProxyError,
     metrics::{ActiveConnection, ByteCount, ConnectionTraffic, ProxyMetrics, Report, Reporter},
 };
@@ -24,6 +25,8 @@ pub struct ConnectionResult {
     logged: bool,
     metrics: Arc<ProxyMetrics>,
     _active: ActiveConnection,
+    /// One of the destination's `maxConnections`, while the connection is.
+    slot: Option<ConnectionSlot>,
 }
 
 /// The two directions' byte counters of a connection's reports.
@@ -50,7 +53,13 @@ impl ConnectionResult {
             logged: true,
             metrics: inputs.metrics.clone(),
             _active: inputs.metrics.active(direction),
+            slot: None,
         }
+    }
+
+    /// Holds a destination's connection slot until the connection ends.
+    pub fn hold(&mut self, slot: ConnectionSlot) {
+        self.slot = Some(slot);
     }
 
     pub fn entry(&mut self) -> &mut Entry {

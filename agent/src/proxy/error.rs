@@ -18,6 +18,12 @@ pub enum ResponseFlags {
     TlsFailure,
     /// Refused at once: a connection limit was reached (load shedding).
     ConnectionLimit,
+    /// Refused: `outboundTrafficPolicy: REGISTRY_ONLY` and the destination
+    /// is not in the registry (or its SNI is refused).
+    RegistryOnly,
+    /// Refused at once: the destination's `maxConnections` are open
+    /// (Envoy's UO).
+    UpstreamOverflow,
 }
 
 impl ResponseFlags {
@@ -28,6 +34,8 @@ impl ResponseFlags {
             Self::Connect => "CONNECT",
             Self::TlsFailure => "TLS_FAILURE",
             Self::ConnectionLimit => "CONNECTION_LIMIT",
+            Self::RegistryOnly => "REGISTRY_ONLY",
+            Self::UpstreamOverflow => "UPSTREAM_OVERFLOW",
         }
     }
 }
@@ -131,6 +139,46 @@ pub enum ProxyError {
     ReentersAgent { what: String },
     #[error("HBONE connection closed: {0}")]
     HboneClosed(String),
+    #[error(
+        "outboundTrafficPolicy REGISTRY_ONLY: {dst}{} is neither in the mesh nor a ServiceEntry host; refused",
+        if names.is_empty() { String::new() } else { format!(" (resolved by this pod as {names})") }
+    )]
+    NotInRegistry { dst: SocketAddr, names: String },
+    #[error(
+        "outboundTrafficPolicy REGISTRY_ONLY: TLS to {dst} with SNI {sni}, which is not a ServiceEntry host; refused"
+    )]
+    SniNotInRegistry { sni: String, dst: SocketAddr },
+    #[error(
+        "TLS to {dst} with SNI {sni}: this pod did not resolve {sni} to {} ({}); refused, as the SNI may claim an allowed name for another address",
+        dst.ip(),
+        if resolved.is_empty() { "it resolved no name to that address".to_string() } else { format!("it resolved {resolved} to it") }
+    )]
+    SniNotResolved {
+        sni: String,
+        dst: SocketAddr,
+        resolved: String,
+    },
+    #[error("refused: {destination} has its maxConnections ({max}) open (DestinationRule {rule})")]
+    UpstreamOverflow {
+        destination: String,
+        max: u32,
+        rule: String,
+    },
+    #[error("TLS to {host} at {addr} failed ({code}): {reason}")]
+    OriginationTls {
+        host: String,
+        addr: SocketAddr,
+        code: &'static str,
+        reason: String,
+    },
+    #[error("resolving {host}: {reason}")]
+    Resolve { host: String, reason: String },
+    #[error("{destination}: no endpoint could be reached ({attempts})")]
+    Unreachable {
+        destination: String,
+        attempts: String,
+        last: Box<ProxyError>,
+    },
 }
 
 pub fn denied_by(policy: &Option<String>) -> String {
@@ -170,6 +218,13 @@ impl ProxyError {
             Self::InPod { source, .. } => source.stage(),
             Self::Overloaded { .. } => "overload",
             Self::HboneClosed(_) => "hbone",
+            Self::NotInRegistry { .. }
+            | Self::SniNotInRegistry { .. }
+            | Self::SniNotResolved { .. } => "registry",
+            Self::UpstreamOverflow { .. } => "overflow",
+            Self::OriginationTls { .. } => "tls",
+            Self::Resolve { .. } => "no_endpoints",
+            Self::Unreachable { last, .. } => last.stage(),
         }
     }
 
@@ -189,6 +244,13 @@ impl ProxyError {
             Self::Tls { .. } | Self::TlsHandshake { .. } => ResponseFlags::TlsFailure,
             Self::Overloaded { .. } => ResponseFlags::ConnectionLimit,
             Self::InPod { source, .. } => source.response_flags(),
+            Self::NotInRegistry { .. }
+            | Self::SniNotInRegistry { .. }
+            | Self::SniNotResolved { .. } => ResponseFlags::RegistryOnly,
+            Self::UpstreamOverflow { .. } => ResponseFlags::UpstreamOverflow,
+            Self::OriginationTls { .. } => ResponseFlags::TlsFailure,
+            Self::Resolve { .. } => ResponseFlags::Connect,
+            Self::Unreachable { last, .. } => last.response_flags(),
             Self::NotRedirected
             | Self::WrongPod { .. }
             | Self::NotCapturable { .. }
@@ -217,8 +279,39 @@ impl ProxyError {
     /// The bounded TLS failure reason, for `nodemesh_tls_handshake_failures_total`.
     pub fn tls_code(&self) -> Option<&'static str> {
         match self {
-            Self::Tls { code, .. } | Self::TlsHandshake { code, .. } => Some(code),
+            Self::Tls { code, .. }
+            | Self::TlsHandshake { code, .. }
+            | Self::OriginationTls { code, .. } => Some(code),
+            Self::Unreachable { last, .. } => last.tls_code(),
             _ => None,
+        }
+    }
+
+    /// A failure to reach one endpoint, which another endpoint may not
+    /// have (so it counts for outlier detection and may be retried).
+    pub fn is_connect_failure(&self) -> bool {
+        match self {
+            Self::Connect { .. }
+            | Self::ConnectTimeout { .. }
+            | Self::Tls { .. }
+            | Self::OriginationTls { .. }
+            | Self::HboneTimeout { .. }
+            | Self::Hbone { .. }
+            | Self::HboneRecentlyFailed { .. }
+            | Self::HboneClosed(_)
+            | Self::HboneStatus { status: 503, .. } => true,
+            Self::InPod { source, .. } => source.is_connect_failure(),
+            _ => false,
+        }
+    }
+
+    /// Why the registry refused a connection (a bounded metric label).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NotInRegistry { .. } => "not_in_registry",
+            Self::SniNotInRegistry { .. } => "sni_not_in_registry",
+            Self::SniNotResolved { .. } => "sni_not_resolved",
+            _ => "other",
         }
     }
 

@@ -282,6 +282,13 @@ pub struct ProxyMetrics {
     active_connections: Family<DirectionLabels, Gauge>,
     tls_failures: Family<TlsFailureLabels, Counter>,
     orig_dst_lookups: Family<ResultLabels, Counter>,
+    registry_denials: Family<ReasonLabels, Counter>,
+    sni_peeks: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
 }
 
 impl ProxyMetrics {
@@ -330,13 +337,23 @@ impl ProxyMetrics {
         );
         own.register(
             "tls_handshake_failures",
-            "Failed mTLS handshakes by direction and reason",
+            "Failed TLS handshakes by direction and reason (HBONE, and TLS originated to third parties: outbound)",
             self.tls_failures.clone(),
         );
         own.register(
             "orig_dst_lookups",
             "Original-destination lookups in NM_ORIG_DST by result (found, missing)",
             self.orig_dst_lookups.clone(),
+        );
+        own.register(
+            "registry_denials",
+            "Connections refused under outboundTrafficPolicy REGISTRY_ONLY, by reason (not_in_registry, sni_not_in_registry, sni_not_resolved)",
+            self.registry_denials.clone(),
+        );
+        own.register(
+            "sni_peeks",
+            "TLS ClientHellos read for their SNI on connections leaving the mesh",
+            self.sni_peeks.clone(),
         );
     }
 
@@ -375,6 +392,16 @@ impl ProxyMetrics {
         self.tls_failures
             .get_or_create(&TlsFailureLabels { direction, reason })
             .inc();
+    }
+
+    pub fn registry_denied(&self, reason: &'static str) {
+        self.registry_denials
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    pub fn sni_peeked(&self) {
+        self.sni_peeks.inc();
     }
 
     pub fn orig_dst_lookup(&self, found: bool) {

@@ -10,6 +10,8 @@ pub mod access_log;
 pub mod balance;
 pub mod capture;
 pub mod connection;
+pub mod dns;
+pub mod egress;
 pub mod error;
 mod h2io;
 pub mod inbound;
@@ -18,6 +20,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod pool;
 mod read_buffer;
+pub mod sni;
 mod splice;
 
 use std::{
@@ -40,7 +43,7 @@ pub use self::{
 };
 use crate::{
     datapath::{Datapath, PodNetwork},
-    dns::DnsRecords,
+    dns::{DnsProxy, DnsRecords, Resolver},
     drain::Drain,
     identity::Identity,
     policy::{IpBlock, PolicyStore},
@@ -85,6 +88,10 @@ pub struct ProxyConfig {
     /// Ports of the agent: a connection to one of them would re-enter it.
     pub agent_ports: Vec<u16>,
     pub hbone: crate::config::HboneSettings,
+    /// Enrolled pods' DNS (UDP and TCP port 53) is answered by the agent.
+    pub dns_capture: bool,
+    /// `outboundTrafficPolicy.mode`.
+    pub outbound_mode: crate::config::OutboundMode,
 }
 
 impl ProxyConfig {
@@ -109,6 +116,8 @@ impl ProxyConfig {
                 config.readiness_address.port(),
             ],
             hbone: config.hbone,
+            dns_capture: config.dns.capture,
+            outbound_mode: config.outbound_traffic_policy.mode,
         }
     }
 }
@@ -128,6 +137,10 @@ pub struct ProxyInputs {
     pub drain: Drain,
     /// What each enrolled pod resolved (DNS capture).
     pub dns: Arc<DnsRecords>,
+    /// Forwards enrolled pods' queries and records their answers in `dns`.
+    pub dns_proxy: Arc<DnsProxy>,
+    /// The agent's own resolution of registry hosts (`resolution: DNS`).
+    pub resolver: Arc<Resolver>,
     /// This node's enrolled pods, republished by enrolment.
     pub local_pods: arc_swap::ArcSwap<HashMap<PodKey, Arc<LocalPod>>>,
 }

@@ -2,7 +2,8 @@
 //! redirected, finds the original destination and the source workload in
 //! the maps, and forwards the bytes from inside the source pod's netns:
 //! over HBONE to pods on other nodes, as plain TCP to pods on this node
-//! (this agent decides their policy) and to destinations outside the mesh.
+//! (this agent decides their policy); destinations outside the mesh go
+//! through the egress registry (`egress`).
 use std::{
     net::{IpAddr, SocketAddr},
     sync::Arc,
@@ -17,16 +18,18 @@ use tracing::{debug, warn};
 
 use super::{
     ConnectionResult, LocalPod, ProxyError, ProxyInputs,
-    balance::Pick,
+    access_log::Attempt,
+    balance::{Destination, Pick},
     connection::Bytes,
     h2io,
     inbound::HBONE_PORT,
     metrics::{Peer, Report, Reporter, SecurityPolicy, ServiceName},
+    pool::StreamGuard,
     reset_on_close,
 };
 use crate::{
     policy::{Decision, Request},
-    state::{Pod, Resolved, ServiceKey},
+    state::{Endpoint, Pod, Resolved, ServiceKey},
 };
 
 /// Serves one redirected connection.
@@ -94,45 +97,35 @@ fn original_destination(
     Ok(SocketAddr::new(ip, orig.port))
 }
 
-/// Where a connection goes once resolved.
+/// Where a connection goes: one endpoint, or one attempt's pick.
 struct Target {
     /// The address the agent connects to (an endpoint, for a service).
     addr: SocketAddr,
     /// The destination pod, when it is in the mesh.
     pod: Option<Arc<Pod>>,
     service: Option<ServiceKey>,
-    /// The balancer's pick, for a service.
-    pick: Option<Pick>,
 }
 
-fn resolve(inputs: &ProxyInputs, orig_dst: SocketAddr) -> Result<Target, ProxyError> {
-    Ok(match inputs.workloads.resolve(orig_dst) {
-        Resolved::Service { service, endpoints } => {
-            let pick = inputs.balancer.pick(&service, &endpoints).ok_or_else(|| {
-                ProxyError::NoEndpoints {
-                    service: service.to_string(),
-                }
-            })?;
-            Target {
-                addr: pick.endpoint.addr,
-                pod: Some(pick.endpoint.pod.clone()),
-                service: Some(service),
-                pick: Some(pick),
-            }
-        }
-        Resolved::Pod { pod, addr } => Target {
-            addr,
-            pod: Some(pod),
-            service: None,
-            pick: None,
-        },
-        Resolved::External { addr } => Target {
-            addr,
-            pod: None,
-            service: None,
-            pick: None,
-        },
-    })
+/// What the app connected to, as the mesh knows it.
+enum Candidates {
+    /// A service's endpoints, balanced, retried.
+    Service {
+        service: ServiceKey,
+        endpoints: Vec<Endpoint>,
+    },
+    /// One pod, by its address.
+    Pod { pod: Arc<Pod>, addr: SocketAddr },
+}
+
+/// A connected upstream: plain TCP, or an HBONE stream.
+enum Upstream {
+    Direct(TcpStream),
+    Hbone {
+        send: h2::SendStream<bytes::Bytes>,
+        recv: h2::RecvStream,
+        addr: SocketAddr,
+        _guard: StreamGuard,
+    },
 }
 
 async fn proxy(
@@ -145,6 +138,11 @@ async fn proxy(
     let local = client.local_addr().map_err(ProxyError::Transfer)?;
     let orig_dst = original_destination(inputs, pod, peer, local)?;
     result.entry().orig_dst = orig_dst.to_string();
+    if orig_dst.port() == nodemesh_common::DNS_SERVER_PORT && inputs.config.dns_capture {
+        // DNS over TCP: answered by the agent's DNS proxy, as UDP is.
+        super::dns::serve_tcp(inputs, pod, client).await;
+        return Ok(());
+    }
 
     if inputs.config.sockmap {
         // Before the agent writes anything, so all its writes take the
@@ -161,7 +159,207 @@ async fn proxy(
     }
     let _ = client.set_nodelay(true);
 
-    let target = resolve(inputs, orig_dst)?;
+    let candidates = match inputs.workloads.resolve(orig_dst) {
+        Resolved::External { addr } => {
+            return super::egress::serve(inputs, pod, client, addr, result).await;
+        }
+        Resolved::Service { service, endpoints } => Candidates::Service { service, endpoints },
+        Resolved::Pod { pod, addr } => Candidates::Pod { pod, addr },
+    };
+    let (target, upstream) =
+        connect(inputs, pod, client, peer, orig_dst, candidates, result).await?;
+    let bytes = open_traffic(inputs, result, pod, &target);
+    match upstream {
+        Upstream::Hbone {
+            mut send,
+            recv,
+            addr,
+            _guard,
+        } => {
+            let copied = h2io::copy(
+                client,
+                &mut send,
+                recv,
+                &bytes.client_to_server,
+                &bytes.server_to_client,
+            )
+            .await;
+            match copied {
+                Ok((sent, received)) => {
+                    result.transferred(sent, received);
+                    Ok(())
+                }
+                Err(e) => {
+                    send.send_reset(h2::Reason::CANCEL);
+                    debug!(hbone = %addr, "HBONE stream failed: {e}");
+                    Err(ProxyError::Transfer(e))
+                }
+            }
+        }
+        Upstream::Direct(upstream) => {
+            let same_node = target
+                .pod
+                .as_ref()
+                .is_some_and(|p| inputs.workloads.is_local(p));
+            // A policy reload may deny a same-node connection while it is
+            // open.
+            let recheck = |dst: &Pod| match decide_local(inputs, pod, dst, target.addr, peer) {
+                Decision::Deny { policy } => Err(ProxyError::Denied { policy }),
+                Decision::Allow { .. } => Ok(()),
+            };
+            let recheck_dst = target
+                .pod
+                .as_deref()
+                .filter(|_| same_node)
+                .map(|dst| move || recheck(dst));
+            // In-kernel splice: measured to halve the agent's CPU per GiB
+            // against a userspace copy (docs/architecture.md).
+            let (sent, received) = super::splice_rechecked(
+                inputs,
+                client,
+                &upstream,
+                &bytes,
+                recheck_dst.as_ref().map(|f| f as super::Recheck<'_>),
+            )
+            .await?;
+            result.transferred(sent, received);
+            Ok(())
+        }
+    }
+}
+
+/// Connects to the destination: a service's endpoint (retried on another
+/// one after a connect failure, within the DestinationRule's limits and
+/// the retry budget) or a pod. Every attempt is in the access log. A
+/// failure opens the connection's series first, so it is counted.
+#[allow(clippy::too_many_arguments)]
+async fn connect(
+    inputs: &ProxyInputs,
+    pod: &Arc<LocalPod>,
+    client: &TcpStream,
+    peer: SocketAddr,
+    orig_dst: SocketAddr,
+    candidates: Candidates,
+    result: &mut ConnectionResult,
+) -> Result<(Target, Upstream), ProxyError> {
+    let (service, endpoints) = match candidates {
+        Candidates::Pod { pod: dst, addr } => {
+            let target = Target {
+                addr,
+                pod: Some(dst),
+                service: None,
+            };
+            let attempt = attempt(
+                inputs,
+                pod,
+                client,
+                peer,
+                &target,
+                &inputs.config.sockets,
+                result,
+            )
+            .await;
+            if attempt.is_err() {
+                open_traffic(inputs, result, pod, &target);
+            }
+            return attempt.map(|u| (target, u));
+        }
+        Candidates::Service { service, endpoints } => (service, endpoints),
+    };
+    result.entry().service = Some(service.to_string());
+    let policy = inputs
+        .policies
+        .registry()
+        .connect_policy(&service.host(), orig_dst.port());
+    let options = super::egress::socket_options(inputs, &policy);
+    let destination = Destination::Service(service.clone());
+    let outlier = policy.outlier.as_ref();
+    let first = inputs
+        .balancer
+        .pick(&destination, &endpoints, &[], outlier)
+        .ok_or_else(|| ProxyError::NoEndpoints {
+            service: service.to_string(),
+        })?;
+    let target_of = |pick: &Pick<Endpoint>| Target {
+        addr: pick.endpoint.addr,
+        pod: Some(pick.endpoint.pod.clone()),
+        service: Some(service.clone()),
+    };
+    let Some(slot) = inputs.balancer.admit(&destination, policy.max_connections) else {
+        open_traffic(inputs, result, pod, &target_of(&first));
+        return Err(ProxyError::UpstreamOverflow {
+            destination: service.to_string(),
+            max: policy.max_connections.unwrap_or(0),
+            rule: policy.rule.clone().unwrap_or_default(),
+        });
+    };
+    result.hold(slot);
+    let mut tried = Vec::new();
+    let mut pick = first;
+    loop {
+        let target = target_of(&pick);
+        tried.push(target.addr);
+        let started = tokio::time::Instant::now();
+        let error = match attempt(inputs, pod, client, peer, &target, &options, result).await {
+            Ok(upstream) => {
+                pick.connected();
+                if tried.len() > 1 {
+                    result
+                        .entry()
+                        .attempts
+                        .push(Attempt::ok(target.addr, started.elapsed()));
+                }
+                return Ok((target, upstream));
+            }
+            Err(e) => e,
+        };
+        if !error.is_connect_failure() {
+            open_traffic(inputs, result, pod, &target);
+            return Err(error);
+        }
+        let ejected = pick.connect_failed();
+        result.entry().attempts.push(Attempt::failed(
+            target.addr,
+            started.elapsed(),
+            &error,
+            ejected,
+        ));
+        let next = if tried.len() >= super::egress::MAX_CONNECT_ATTEMPTS {
+            None
+        } else {
+            match inputs
+                .balancer
+                .retry(&destination, &endpoints, &tried, outlier)
+            {
+                Ok(p) => Some(p),
+                Err(why) => {
+                    result.entry().retry_stopped = Some(why.as_str());
+                    None
+                }
+            }
+        };
+        match next {
+            Some(p) => pick = p,
+            None => {
+                open_traffic(inputs, result, pod, &target);
+                return Err(super::egress::unreachable(&destination, result, error));
+            }
+        }
+    }
+}
+
+/// One connect attempt to `target`: the per-endpoint checks (agent ports,
+/// this node's policy for a pod on this node), then TCP or HBONE.
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
+    inputs: &ProxyInputs,
+    pod: &Arc<LocalPod>,
+    client: &TcpStream,
+    peer: SocketAddr,
+    target: &Target,
+    options: &super::SocketOptions,
+    result: &mut ConnectionResult,
+) -> Result<Upstream, ProxyError> {
     // A mesh pod's agent ports are the agent's own: reaching one would
     // re-enter it (an HBONE inside HBONE).
     if target.pod.is_some() && inputs.config.agent_ports.contains(&target.addr.port()) {
@@ -169,14 +367,11 @@ async fn proxy(
             what: format!("a connection to {}, an agent port", target.addr),
         });
     }
-    if let Some(service) = &target.service {
-        result.entry().service = Some(service.to_string());
-    }
     let same_node = target
         .pod
         .as_ref()
         .is_some_and(|p| inputs.workloads.is_local(p));
-    let mut denied = None;
+    result.entry().upstream = Some(target.addr.to_string());
     if let Some(p) = &target.pod {
         result.entry().dst_workload = Some(p.key().to_string());
         result.entry().dst_identity = Some(inputs.identity_of(p).to_string());
@@ -185,24 +380,26 @@ async fn proxy(
             let decision = decide_local(inputs, pod, p, target.addr, peer);
             result.decided(&decision);
             if let Decision::Deny { policy } = decision {
-                denied = Some(policy);
+                return Err(ProxyError::Denied { policy });
             }
         }
     }
-    let bytes = open_traffic(inputs, result, pod, &target, same_node);
-    if let Some(policy) = denied {
-        return Err(ProxyError::Denied { policy });
-    }
-    result.entry().upstream = Some(target.addr.to_string());
     match &target.pod {
         // Pods on other nodes are reached through HBONE.
-        Some(dst) if !same_node => hbone(inputs, pod, client, &target, dst, result, &bytes).await,
-        // Pods on this node and destinations outside the mesh directly.
+        Some(dst) if !same_node => hbone(inputs, pod, client, target, dst, result).await,
+        // Pods on this node, from inside that pod (over its loopback, so
+        // its inbound capture does not take the connection for a plaintext
+        // client; identity and policy were settled above).
         _ => {
-            direct(
-                inputs, pod, client, &target, peer, same_node, result, &bytes,
-            )
-            .await
+            let dst_local = target
+                .pod
+                .as_ref()
+                .filter(|_| same_node)
+                .and_then(|d| inputs.local_pods.load().get(&d.key()).cloned());
+            let from = dst_local.as_deref().unwrap_or(pod);
+            super::connect_from(from, target.addr, options)
+                .await
+                .map(Upstream::Direct)
         }
     }
 }
@@ -215,8 +412,11 @@ fn open_traffic(
     result: &mut ConnectionResult,
     src: &LocalPod,
     target: &Target,
-    same_node: bool,
 ) -> Bytes {
+    let same_node = target
+        .pod
+        .as_ref()
+        .is_some_and(|p| inputs.workloads.is_local(p));
     let source = Peer::pod(&src.pod, &src.identity);
     let destination = target
         .pod
@@ -267,85 +467,23 @@ fn decide_local(
     })
 }
 
-/// The balancer hears how connecting to its pick went.
-fn report_connect<T>(pick: Option<&Pick>, r: &Result<T, ProxyError>) {
-    if let Some(pick) = pick {
-        match r {
-            Ok(_) => pick.connected(),
-            Err(_) => pick.connect_failed(),
-        }
-    }
-}
-
-/// Plain TCP from inside a pod: same-node pods and destinations outside
-/// the mesh.
-#[allow(clippy::too_many_arguments)]
-async fn direct(
-    inputs: &ProxyInputs,
-    pod: &LocalPod,
-    client: &TcpStream,
-    target: &Target,
-    peer: SocketAddr,
-    same_node: bool,
-    result: &mut ConnectionResult,
-    bytes: &Bytes,
-) -> Result<(), ProxyError> {
-    // To an enrolled pod on this node: from inside that pod, over its
-    // loopback, so its inbound capture does not take the connection for a
-    // plaintext client (identity and policy were settled above).
-    let dst_local = target
-        .pod
-        .as_ref()
-        .filter(|_| same_node)
-        .and_then(|d| inputs.local_pods.load().get(&d.key()).cloned());
-    let upstream =
-        super::connect_in(inputs, dst_local.as_deref().unwrap_or(pod), target.addr).await;
-    report_connect(target.pick.as_ref(), &upstream);
-    let upstream = upstream?;
-    // In-kernel splice: measured to halve the agent's CPU per GiB against a
-    // userspace copy (docs/architecture.md). Half-close is carried both ways.
-    // A policy reload may deny a same-node connection while it is open.
-    let recheck = |dst: &Pod| match decide_local(inputs, pod, dst, target.addr, peer) {
-        Decision::Deny { policy } => Err(ProxyError::Denied { policy }),
-        Decision::Allow { .. } => Ok(()),
-    };
-    let recheck_dst = target
-        .pod
-        .as_deref()
-        .filter(|_| same_node)
-        .map(|dst| move || recheck(dst));
-    let (sent, received) = super::splice_rechecked(
-        inputs,
-        client,
-        &upstream,
-        bytes,
-        recheck_dst.as_ref().map(|f| f as super::Recheck<'_>),
-    )
-    .await?;
-    result.transferred(sent, received);
-    Ok(())
-}
-
 /// HTTP/2 CONNECT over mutual TLS to the destination pod's agent
-/// (`<pod IP>:15008`), on a pooled connection.
+/// (`<pod IP>:15008`), on a pooled connection, up to the destination's
+/// answer; a 503 (it could not reach its pod) is a connect failure of
+/// this endpoint, as a refused direct connect would be.
 async fn hbone(
     inputs: &ProxyInputs,
     pod: &Arc<LocalPod>,
-    client: &mut TcpStream,
+    client: &TcpStream,
     target: &Target,
     dst: &Pod,
     result: &mut ConnectionResult,
-    bytes: &Bytes,
-) -> Result<(), ProxyError> {
+) -> Result<Upstream, ProxyError> {
     result.entry().security = "mutual_tls";
     let peer = client.peer_addr().map_err(ProxyError::Transfer)?;
     let expected = inputs.identity_of(dst);
     let hbone_addr = SocketAddr::new(target.addr.ip(), HBONE_PORT);
-    let sender = inputs.pool.sender(pod, hbone_addr, &expected).await;
-    if sender.is_err() {
-        report_connect(target.pick.as_ref(), &sender);
-    }
-    let (mut sender, _stream) = sender?;
+    let (mut sender, guard) = inputs.pool.sender(pod, hbone_addr, &expected).await?;
     // The app's address as the pod has it (it connected from loopback).
     let src_ip = pod.ip_like(target.addr.ip()).unwrap_or(peer.ip());
     let request = http::Request::builder()
@@ -371,19 +509,7 @@ async fn hbone(
         source,
     };
     let (response, mut send) = sender.send_request(request, false).map_err(hbone_error)?;
-    let response = response.await.map_err(hbone_error);
-    let status = response.as_ref().map(|r| r.status().as_u16());
-    // The destination could not reach its pod: a connect failure of this
-    // endpoint, as a refused direct connect would be.
-    let connected: Result<(), ProxyError> = match status {
-        Ok(503) => Err(ProxyError::HboneStatus {
-            addr: hbone_addr,
-            status: 503,
-        }),
-        _ => Ok(()),
-    };
-    report_connect(target.pick.as_ref(), &connected);
-    let response = response?;
+    let response = response.await.map_err(hbone_error)?;
     if response.status() != http::StatusCode::OK {
         send.send_reset(h2::Reason::CANCEL);
         return Err(ProxyError::HboneStatus {
@@ -391,22 +517,10 @@ async fn hbone(
             status: response.status().as_u16(),
         });
     }
-    match h2io::copy(
-        client,
-        &mut send,
-        response.into_body(),
-        &bytes.client_to_server,
-        &bytes.server_to_client,
-    )
-    .await
-    {
-        Ok((sent, received)) => {
-            result.transferred(sent, received);
-            Ok(())
-        }
-        Err(e) => {
-            send.send_reset(h2::Reason::CANCEL);
-            Err(ProxyError::Transfer(e))
-        }
-    }
+    Ok(Upstream::Hbone {
+        send,
+        recv: response.into_body(),
+        addr: hbone_addr,
+        _guard: guard,
+    })
 }

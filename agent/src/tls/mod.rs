@@ -1,5 +1,6 @@
 //! TLS for HBONE: TLS 1.3 only, AES-GCM suites, ALPN h2, mutual
 //! authentication with X.509-SVIDs, no SNI, no resumption.
+pub mod origination;
 mod verify;
 
 use std::{
@@ -277,7 +278,12 @@ pub fn failure_reason(e: &std::io::Error) -> &'static str {
     match tls {
         E::NoCertificatesPresented => "no_client_certificate",
         E::InvalidCertificate(C::UnknownIssuer) => "unknown_issuer",
-        E::InvalidCertificate(C::Expired | C::NotValidYet) => "certificate_expired",
+        E::InvalidCertificate(
+            C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. },
+        ) => "certificate_expired",
+        E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
+            "wrong_name"
+        }
         E::InvalidCertificate(C::BadSignature) => "bad_signature",
         E::InvalidCertificate(C::Other(other)) => match other.0.downcast_ref::<SvidError>() {
             Some(SvidError::WrongIdentity { .. }) => "wrong_identity",

@@ -4,7 +4,7 @@ use std::{net::SocketAddr, os::unix::process::CommandExt as _, path::PathBuf};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
-use nodemesh_lab::{apiserver, bench, bench_client, demo, workload};
+use nodemesh_lab::{apiserver, bench, bench_client, demo, thirdparty, workload};
 
 #[derive(Parser)]
 #[command(name = "nodemesh-lab", about = "nodemesh virtual cluster")]
@@ -42,6 +42,11 @@ enum Cmd {
         /// Only the agent's TLS in memory (handshakes, bulk), as JSON.
         #[arg(long)]
         tls_only: bool,
+        /// Only egress to third parties under REGISTRY_ONLY (L4, the app's
+        /// own TLS, TLS originated by the agent; the registry's and the SNI
+        /// peek's costs in memory), as a table and JSON.
+        #[arg(long)]
+        egress_only: bool,
         /// More agent config as YAML lines, e.g. `workerThreads: 1`, to
         /// measure a setting.
         #[arg(long, default_value = "")]
@@ -53,6 +58,10 @@ enum Cmd {
         cgroup: Option<PathBuf>,
         #[arg(long)]
         netns: PathBuf,
+        /// A file the command sees as /etc/resolv.conf (bind-mounted in a
+        /// mount namespace of its own, as `ip netns exec` does).
+        #[arg(long)]
+        resolv_conf: Option<PathBuf>,
         #[arg(trailing_var_arg = true, required = true)]
         command: Vec<String>,
     },
@@ -60,6 +69,12 @@ enum Cmd {
     Serve {
         #[arg(long)]
         port: u16,
+        /// Serve in TLS with this certificate chain (PEM) ...
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// ... and this key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Test clients; each prints one JSON result line.
     Client {
@@ -101,9 +116,35 @@ enum Cmd {
         dir: PathBuf,
         #[arg(long)]
         listen: SocketAddr,
-        /// A policy group to serve (AuthorizationPolicy, PeerAuthentication).
+        /// A policy group to serve (AuthorizationPolicy, PeerAuthentication;
+        /// for networking.istio.io: ServiceEntry, DestinationRule).
         #[arg(long)]
         group: Vec<String>,
+    },
+    /// A third-party API outside the cluster (see `thirdparty`): HTTPS
+    /// (or plaintext) with HTTP/1.1 and HTTP/2; faults read from
+    /// FAULT_FILE at each new connection. Runs until killed.
+    ThirdParty {
+        /// Repeatable (an IPv4 and an IPv6 address).
+        #[arg(long, required = true)]
+        listen: Vec<SocketAddr>,
+        /// The instance's name, in every answer.
+        #[arg(long)]
+        name: String,
+        /// Where its certificates are (`ThirdPartyCa::issue_server_certs`).
+        #[arg(long, required_unless_present = "plaintext")]
+        cert_dir: Option<PathBuf>,
+        /// good, wrong-name, expired or unknown-ca.
+        #[arg(long, default_value = "good")]
+        cert: thirdparty::CertKind,
+        #[arg(long)]
+        plaintext: bool,
+        /// Refuse clients without a certificate from CERT_DIR/client-ca.pem.
+        #[arg(long)]
+        require_client_cert: bool,
+        /// none, delay:MS, reset or close; no file means none.
+        #[arg(long)]
+        fault_file: Option<PathBuf>,
     },
     /// A demo shop service: serves, and calls its dependencies.
     Shop {
@@ -173,25 +214,45 @@ enum ClientCmd {
     },
 }
 
+/// Where a load generator connects (`bench_client::Target`).
+#[derive(clap::Args)]
+struct BenchTarget {
+    /// `ip:port`, or `name:port` (resolved with the pod's resolv.conf).
+    #[arg(long)]
+    to: String,
+    /// Speak TLS, trusting this CA (PEM) for the server's certificate.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// The name to send and verify (default: the name in `--to`).
+    #[arg(long, requires = "tls_ca")]
+    sni: Option<String>,
+}
+
+impl BenchTarget {
+    async fn resolve(&self) -> Result<bench_client::Target> {
+        bench_client::Target::new(&self.to, self.tls_ca.as_deref(), self.sni.as_deref()).await
+    }
+}
+
 #[derive(Subcommand)]
 enum BenchCmd {
     Stream {
-        #[arg(long)]
-        to: String,
+        #[command(flatten)]
+        to: BenchTarget,
         #[arg(long)]
         secs: f64,
         #[arg(long)]
         streams: usize,
     },
     Rr {
-        #[arg(long)]
-        to: String,
+        #[command(flatten)]
+        to: BenchTarget,
         #[arg(long)]
         secs: f64,
     },
     Crr {
-        #[arg(long)]
-        to: String,
+        #[command(flatten)]
+        to: BenchTarget,
         #[arg(long)]
         secs: f64,
         #[arg(long, default_value_t = 4)]
@@ -221,8 +282,9 @@ fn main() -> Result<()> {
         Cmd::PodExec {
             cgroup,
             netns,
+            resolv_conf,
             command,
-        } => pod_exec(cgroup, netns, command),
+        } => pod_exec(cgroup, netns, resolv_conf, command),
         Cmd::Demo { duration } => demo::run(duration),
         Cmd::Bench {
             secs,
@@ -231,23 +293,37 @@ fn main() -> Result<()> {
             api_memory_only,
             cross_node_only,
             tls_only,
+            egress_only,
             agent_config,
         } => {
-            let part = match (abuse_only, api_memory_only, cross_node_only, tls_only) {
-                (false, false, false, false) => bench::Part::All,
-                (true, false, false, false) => bench::Part::Abuse,
-                (false, true, false, false) => bench::Part::ApiMemory,
-                (false, false, true, false) => bench::Part::CrossNode,
-                (false, false, false, true) => bench::Part::Tls,
+            let parts = [
+                (abuse_only, bench::Part::Abuse),
+                (api_memory_only, bench::Part::ApiMemory),
+                (cross_node_only, bench::Part::CrossNode),
+                (tls_only, bench::Part::Tls),
+                (egress_only, bench::Part::Egress),
+            ];
+            let mut chosen = parts.iter().filter(|(on, _)| *on).map(|(_, p)| *p);
+            let part = match (chosen.next(), chosen.next()) {
+                (None, _) => bench::Part::All,
+                (Some(p), None) => p,
                 _ => anyhow::bail!(
-                    "bench: choose at most one of --abuse-only, --api-memory-only, --cross-node-only, --tls-only"
+                    "bench: choose at most one of --abuse-only, --api-memory-only, --cross-node-only, --tls-only, --egress-only"
                 ),
             };
             bench::run(secs, &out, part, &agent_config)
         }
-        Cmd::Serve { port } => {
+        Cmd::Serve {
+            port,
+            tls_cert,
+            tls_key,
+        } => {
             raise_fd_limit();
-            runtime()?.block_on(workload::serve(port))
+            let tls = match tls_cert.as_deref().zip(tls_key.as_deref()) {
+                Some((cert, key)) => Some(workload::tls_acceptor(cert, key)?),
+                None => None,
+            };
+            runtime()?.block_on(workload::serve_with(port, tls))
         }
         Cmd::Client { what } => {
             raise_fd_limit();
@@ -284,13 +360,11 @@ fn main() -> Result<()> {
             let v = rt.block_on(async {
                 match what {
                     BenchCmd::Stream { to, secs, streams } => {
-                        bench_client::stream(workload::parse_addr(&to)?, secs, streams).await
+                        bench_client::stream(&to.resolve().await?, secs, streams).await
                     }
-                    BenchCmd::Rr { to, secs } => {
-                        bench_client::rr(workload::parse_addr(&to)?, secs).await
-                    }
+                    BenchCmd::Rr { to, secs } => bench_client::rr(&to.resolve().await?, secs).await,
                     BenchCmd::Crr { to, secs, parallel } => {
-                        bench_client::crr(workload::parse_addr(&to)?, secs, parallel).await
+                        bench_client::crr(&to.resolve().await?, secs, parallel).await
                     }
                 }
             })?;
@@ -325,6 +399,26 @@ fn main() -> Result<()> {
         Cmd::Apiserver { dir, listen, group } => {
             runtime()?.block_on(apiserver::serve(&dir, listen, &group))
         }
+        Cmd::ThirdParty {
+            listen,
+            name,
+            cert_dir,
+            cert,
+            plaintext,
+            require_client_cert,
+            fault_file,
+        } => {
+            raise_fd_limit();
+            runtime()?.block_on(thirdparty::serve(thirdparty::ServerOptions {
+                listen,
+                name,
+                cert_dir,
+                cert,
+                plaintext,
+                require_client_cert,
+                fault_file,
+            }))
+        }
         Cmd::Shop { port, call, rate } => {
             raise_fd_limit();
             runtime()?.block_on(demo::shop(port, call, rate))
@@ -334,7 +428,12 @@ fn main() -> Result<()> {
 
 /// Joins the cgroup first: `setns` does not move cgroups, and a process must
 /// be in the pod's cgroup before it creates sockets for the hooks to see them.
-fn pod_exec(cgroup: Option<PathBuf>, netns: PathBuf, command: Vec<String>) -> Result<()> {
+fn pod_exec(
+    cgroup: Option<PathBuf>,
+    netns: PathBuf,
+    resolv_conf: Option<PathBuf>,
+    command: Vec<String>,
+) -> Result<()> {
     if let Some(cg) = cgroup {
         std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string())
             .with_context(|| format!("joining cgroup {}", cg.display()))?;
@@ -343,6 +442,28 @@ fn pod_exec(cgroup: Option<PathBuf>, netns: PathBuf, command: Vec<String>) -> Re
     nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
         .with_context(|| format!("entering {}", netns.display()))?;
     drop(ns);
+    if let Some(file) = resolv_conf {
+        use nix::mount::{MsFlags, mount};
+        // Single-threaded still, as unshare(CLONE_NEWNS) requires.
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).context("unshare(CLONE_NEWNS)")?;
+        // Private, so the bind mount below stays in this namespace.
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .context("making / private")?;
+        mount(
+            Some(&file),
+            "/etc/resolv.conf",
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .with_context(|| format!("bind-mounting {} on /etc/resolv.conf", file.display()))?;
+    }
     let err = std::process::Command::new(&command[0])
         .args(&command[1..])
         .exec();

@@ -1,7 +1,8 @@
 //! A FAKE of the Kubernetes API server, for tests only: HTTPS on loopback
 //! (a self-signed rcgen certificate for 127.0.0.1), serving scripted list
-//! and watch responses so the real kube-rs client can be driven through
-//! its config loading, TLS, bearer token, requests and relists.
+//! and watch responses (and fixed documents: discovery) so the real kube-rs
+//! client can be driven through its config loading, TLS, bearer token,
+//! requests and relists.
 //!
 //! It does not evaluate selectors, resource versions or anything else of
 //! the real server's semantics: responses are keyed by the request's path
@@ -25,10 +26,13 @@ use tokio::{net::TcpListener, sync::Notify};
 /// A request as the fake received it.
 #[derive(Debug, Clone)]
 pub struct Recorded {
+    pub method: String,
     pub path: String,
     pub query: HashMap<String, String>,
     pub accept: String,
     pub authorization: String,
+    /// The request's body (an Event the client posts), as sent.
+    pub body: String,
 }
 
 impl Recorded {
@@ -59,6 +63,8 @@ struct Collection {
 #[derive(Default)]
 struct Script {
     collections: HashMap<String, Collection>,
+    /// Fixed answers to GETs of a path (discovery documents).
+    documents: HashMap<String, Value>,
     requests: Vec<Recorded>,
 }
 
@@ -114,7 +120,7 @@ impl FakeApiServer {
                     };
                     let service = service_fn(move |req| {
                         let script = script.clone();
-                        async move { Ok::<_, Infallible>(respond(&script, req)) }
+                        async move { Ok::<_, Infallible>(respond(&script, req).await) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tls), service)
@@ -156,6 +162,41 @@ impl FakeApiServer {
         });
     }
 
+    /// Answers every GET of `path` with `document` (e.g. discovery's
+    /// APIResourceList of a group version).
+    pub fn document(&self, path: &str, document: Value) {
+        self.with(|s| s.documents.insert(path.to_owned(), document));
+    }
+
+    /// Serves discovery of `group_version` with these namespaced kinds
+    /// (`(kind, plural)`), as for installed CRDs. A group version not
+    /// served gets 404, as from a real server.
+    pub fn serve_group(&self, group_version: &str, kinds: &[(&str, &str)]) {
+        let resources: Vec<Value> = kinds
+            .iter()
+            .map(|(kind, plural)| {
+                json!({"name": plural, "singularName": kind.to_lowercase(), "namespaced": true,
+                       "kind": kind, "verbs": ["get", "list", "watch"]})
+            })
+            .collect();
+        self.document(
+            &format!("/apis/{group_version}"),
+            json!({"kind": "APIResourceList", "apiVersion": "v1",
+                   "groupVersion": group_version, "resources": resources}),
+        );
+    }
+
+    /// A client of this server: its CA, a bearer token.
+    pub fn client(&self) -> kube::Client {
+        use rustls_pki_types::{CertificateDer, pem::PemObject as _};
+        let url = format!("https://{}", self.addr).parse().expect("URL");
+        let mut config = kube::Config::new(url);
+        let ca = CertificateDer::from_pem_slice(self.ca_pem.as_bytes()).expect("the CA");
+        config.root_cert = Some(vec![ca.to_vec()]);
+        config.auth_info.token = Some("fake-token".to_owned().into());
+        kube::Client::try_from(config).expect("client")
+    }
+
     pub fn requests(&self) -> Vec<Recorded> {
         self.with(|s| s.requests.clone())
     }
@@ -172,7 +213,7 @@ fn json_body(status: u16, value: &Value) -> Response<Body> {
     response
 }
 
-fn respond(script: &Mutex<Script>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+async fn respond(script: &Mutex<Script>, req: Request<hyper::body::Incoming>) -> Response<Body> {
     let query: HashMap<String, String> = req
         .uri()
         .query()
@@ -190,18 +231,33 @@ fn respond(script: &Mutex<Script>, req: Request<hyper::body::Incoming>) -> Respo
             .unwrap_or_default()
             .to_owned()
     };
+    let (method, path) = (req.method().to_string(), req.uri().path().to_owned());
+    let (accept, authorization) = (header("accept"), header("authorization"));
+    let body = match req.into_body().collect().await {
+        Ok(b) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
+        Err(_) => String::new(),
+    };
     let recorded = Recorded {
-        path: req.uri().path().to_owned(),
+        method,
+        path,
         query,
-        accept: header("accept"),
-        authorization: header("authorization"),
+        accept,
+        authorization,
+        body,
     };
     let get = |k: &str| recorded.query.get(k).cloned().unwrap_or_default();
     let key = collection_key(&recorded.path, &get("fieldSelector"), &get("labelSelector"));
     let watch = recorded.is_watch();
     let metadata_only = recorded.accept.contains("as=PartialObjectMetadata");
     let mut script = script.lock().unwrap_or_else(PoisonError::into_inner);
+    let document = match recorded.method.as_str() {
+        "GET" if !watch => script.documents.get(&recorded.path).cloned(),
+        _ => None,
+    };
     script.requests.push(recorded);
+    if let Some(document) = document {
+        return json_body(200, &document);
+    }
     let Some(collection) = script.collections.get_mut(&key) else {
         return json_body(
             404,

@@ -6,7 +6,7 @@ mod source;
 pub mod translate;
 
 #[cfg(test)]
-mod fake_apiserver;
+pub(crate) mod fake_apiserver;
 #[cfg(test)]
 mod fixtures;
 
