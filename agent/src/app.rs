@@ -464,11 +464,10 @@ impl Bound {
                     let workloads = self.inputs.workloads.clone();
                     let services: std::collections::HashSet<_> =
                         workloads.services().iter().map(|s| s.key()).collect();
-                    // Registry hosts stay: the registry changes with the
-                    // policy set, and a host's state is small.
+                    let registry = self.inputs.policies.registry();
                     self.inputs.balancer.retain(|k| match k {
                         Destination::Service(s) => services.contains(s),
-                        Destination::Host(_) => true,
+                        Destination::Host(h) => registry.knows_host(h),
                     });
                 }
                 _ = verify.tick() => {

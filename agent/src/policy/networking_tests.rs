@@ -90,6 +90,8 @@ fn entries_match_by_name_wildcard_and_address() {
     assert_eq!(ep.port_for(&v.port), 9443);
     assert_eq!(v.entry.endpoints[1].port_for(&v.port), 8443);
     assert!(r.is_tls_port(443) && r.is_tls_port(8443) && !r.is_tls_port(80));
+    assert!(r.knows_host("pim.example.com") && r.knows_host("x.notify.example.com"));
+    assert!(!r.knows_host("notify.example.com") && !r.knows_host("other.example.com"));
 }
 
 #[test]

@@ -75,40 +75,35 @@ pub async fn serve(
         let bytes = open(result, pod, None);
         return passthrough(inputs, pod, client, orig_dst, result, &bytes).await;
     }
-    let named = classify(inputs, &registry, pod, client, orig_dst, result).await;
-    let matched = match named {
-        Ok(m) => m,
-        Err(refusal) => {
-            return match mode {
-                OutboundMode::RegistryOnly => {
-                    open(result, pod, None);
-                    inputs.metrics.registry_denied(refusal.reason());
-                    warn!(pod = %pod.pod.key(), dst = %orig_dst, "{refusal}");
-                    Err(refusal)
-                }
-                // ALLOW_ANY: passed through, as it would without the mesh.
-                OutboundMode::AllowAny => {
-                    let bytes = open(result, pod, None);
-                    passthrough(inputs, pod, client, orig_dst, result, &bytes).await
-                }
-            };
-        }
-    };
-    let Some(matched) = matched else {
-        // Not TLS-named and not known: only ALLOW_ANY passes it.
-        if mode == OutboundMode::RegistryOnly {
-            let names = inputs.dns.names_of(pod.workload_id, orig_dst.ip());
-            let e = ProxyError::NotInRegistry {
+    let named = classify(inputs, &registry, pod, client, orig_dst, result)
+        .await
+        .and_then(|m| {
+            m.ok_or_else(|| ProxyError::NotInRegistry {
                 dst: orig_dst,
-                names: names.join(", "),
-            };
+                names: inputs
+                    .dns
+                    .names_of(pod.workload_id, orig_dst.ip())
+                    .join(", "),
+            })
+        });
+    let matched = match (named, mode) {
+        (Ok(m), _) => m,
+        (Err(refusal), OutboundMode::RegistryOnly) => {
             open(result, pod, None);
-            inputs.metrics.registry_denied(e.reason());
-            warn!(pod = %pod.pod.key(), dst = %orig_dst, "{e}");
-            return Err(e);
+            inputs.metrics.registry_denied(refusal.reason());
+            // Every refusal is in the access log; the agent's log samples
+            // them, so a pod retrying in a loop cannot flood it.
+            if let Some(suppressed) = inputs.limits.sampler.sample() {
+                warn!(pod = %pod.pod.key(), dst = %orig_dst, suppressed, "{refusal}");
+            }
+            return Err(refusal);
         }
-        let bytes = open(result, pod, None);
-        return passthrough(inputs, pod, client, orig_dst, result, &bytes).await;
+        // ALLOW_ANY: what the registry does not name passes, as it would
+        // without the mesh.
+        (Err(_), OutboundMode::AllowAny) => {
+            let bytes = open(result, pod, None);
+            return passthrough(inputs, pod, client, orig_dst, result, &bytes).await;
+        }
     };
     result.entry().host = Some(matched.host.clone());
     result.entry().service = Some(matched.host.clone());

@@ -376,6 +376,11 @@ impl ServiceRegistry {
         })
     }
 
+    /// Whether some entry names `host` (on any port).
+    pub fn knows_host(&self, host: &str) -> bool {
+        self.hosts.contains_key(host) || suffixes(host).any(|s| self.wildcards.contains_key(s))
+    }
+
     /// Whether any entry declares `port` as TLS (its connections carry an
     /// SNI worth reading).
     pub fn is_tls_port(&self, port: u16) -> bool {
