@@ -9,13 +9,6 @@ pub struct IpBlock {
     prefix: u8,
 }
 
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    }
-}
-
 impl IpBlock {
     pub fn parse(v: &str) -> Result<Self, String> {
         let (ip, prefix) = match v.split_once('/') {
@@ -25,7 +18,7 @@ impl IpBlock {
         let addr: IpAddr = ip
             .parse()
             .map_err(|_| format!("{v:?} is not an IP address or CIDR block"))?;
-        let addr = canonical(addr);
+        let addr = addr.to_canonical();
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             Some(p) => p
@@ -51,7 +44,7 @@ impl IpBlock {
                 IpAddr::V6(v6) => u128::from(v6),
             }
         };
-        let ip = canonical(ip);
+        let ip = ip.to_canonical();
         if ip.is_ipv4() != self.addr.is_ipv4() {
             return false;
         }

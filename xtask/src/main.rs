@@ -74,8 +74,12 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root()?;
     let path = setup()?;
-    // Debian packages only where they are needed: the root tests.
-    if matches!(cli.command, Cmd::Setup | Cmd::Test { .. }) {
+    // Debian packages only where they are needed: the root tests, the demo
+    // (its third parties' DNS server) and the bench.
+    if matches!(
+        cli.command,
+        Cmd::Setup | Cmd::Test { .. } | Cmd::Demo { .. } | Cmd::Bench { .. }
+    ) {
         install_debian_packages()?;
     }
     match cli.command {
@@ -248,10 +252,11 @@ fn setup() -> Result<OsString> {
     Ok(env::join_paths(paths)?)
 }
 
-/// Debian packages the root tests use, with the files they need from each:
-/// the metrics test's Prometheus, the CNI test's reference plugins, the DNS
-/// test's server and clients.
-const DEBIAN_PACKAGES: [(&str, &[&str]); 10] = [
+/// Debian packages the root tests, the demo and the bench use, with the
+/// files they need from each: the metrics test's Prometheus, the CNI test's
+/// reference plugins, the DNS server and clients of the DNS and egress
+/// tests and the demo's third parties.
+const DEBIAN_PACKAGES: [(&str, &[&str]); 9] = [
     // The manifests check's venv, the import-cycle tool and the CNI test's
     // unprivileged client.
     ("python3-minimal", &["/usr/bin/python3"]),
@@ -271,9 +276,6 @@ const DEBIAN_PACKAGES: [(&str, &[&str]); 10] = [
     ("dnsmasq-base", &["/usr/sbin/dnsmasq"]),
     ("bind9-dnsutils", &["/usr/bin/dig"]),
     ("curl", &["/usr/bin/curl"]),
-    // h2load, for HTTP/2 load on the third parties (the egress bench);
-    // the third-party tests use curl, above.
-    ("nghttp2-client", &["/usr/bin/h2load"]),
 ];
 
 /// The Debian packages whose files are missing. Only root can install

@@ -410,7 +410,11 @@ impl DnsProxy {
 
 /// The addresses of type `rtype` the answer section gives `name`, following
 /// CNAMEs, and the smallest TTL of the records used.
-fn addresses_of(answer: &Message, name: &Name, rtype: RecordType) -> Option<(Vec<IpAddr>, u32)> {
+pub(super) fn addresses_of(
+    answer: &Message,
+    name: &Name,
+    rtype: RecordType,
+) -> Option<(Vec<IpAddr>, u32)> {
     let mut name = name.clone();
     let mut ttl = u32::MAX;
     for _ in 0..MAX_CNAME_HOPS {

@@ -47,7 +47,7 @@ impl DnsRecords {
         let records = pods.entry(id).or_default();
         records.retain(|r| r.expires > now);
         for ip in ips {
-            let ip = canonical(*ip);
+            let ip = ip.to_canonical();
             match records.iter_mut().find(|r| r.ip == ip && r.name == name) {
                 Some(r) => r.expires = r.expires.max(expires),
                 None => records.push(Record {
@@ -65,7 +65,7 @@ impl DnsRecords {
 
     /// The names workload `id` resolved to `ip`, still valid.
     pub fn names_of(&self, id: u32, ip: IpAddr) -> Vec<String> {
-        let ip = canonical(ip);
+        let ip = ip.to_canonical();
         let now = Instant::now();
         let pods = self.pods.lock().unwrap_or_else(PoisonError::into_inner);
         let mut names: Vec<String> = pods
@@ -124,13 +124,6 @@ impl DnsRecords {
             out.insert(id.to_string(), list.into());
         }
         out.into()
-    }
-}
-
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
     }
 }
 

@@ -10,7 +10,7 @@ use std::{
 
 use hickory_proto::{
     op::{Message, MessageType, OpCode, Query, ResponseCode},
-    rr::{Name, RData, RecordType},
+    rr::{Name, RecordType},
 };
 use tokio::{net::UdpSocket, time::Instant};
 
@@ -92,7 +92,7 @@ impl Resolver {
         let mut last = String::new();
         for upstream in &self.upstreams {
             match tokio::time::timeout(self.timeout, exchange(*upstream, &query, id)).await {
-                Ok(Ok(answer)) => return parse(&answer, rtype),
+                Ok(Ok(answer)) => return parse(&answer, name, rtype),
                 Ok(Err(e)) => last = format!("{upstream}: {e}"),
                 Err(_) => {
                     last = format!("{upstream}: no answer in {} ms", self.timeout.as_millis())
@@ -128,37 +128,25 @@ async fn exchange(upstream: SocketAddr, query: &[u8], id: u16) -> std::io::Resul
     }
 }
 
-/// The addresses in an answer (the resolver follows CNAMEs: every address
-/// record in the answer section is the asked name's) and their lowest TTL.
-fn parse(answer: &[u8], rtype: RecordType) -> Result<(Vec<IpAddr>, Duration), String> {
+/// The addresses an answer gives `name` (through CNAMEs, as pods' answers
+/// are recorded) and their lowest TTL.
+fn parse(answer: &[u8], name: &Name, rtype: RecordType) -> Result<(Vec<IpAddr>, Duration), String> {
     let m = Message::from_vec(answer).map_err(|e| format!("unreadable answer: {e}"))?;
     match m.metadata.response_code {
         ResponseCode::NoError => {}
         ResponseCode::NXDomain => return Err("no such name (NXDOMAIN)".into()),
         other => return Err(format!("answered {other}")),
     }
-    let mut ttl = u32::MAX;
-    let ips: Vec<IpAddr> = m
-        .answers
-        .iter()
-        .filter_map(|r| {
-            let ip = match (&r.data, rtype) {
-                (RData::A(a), RecordType::A) => IpAddr::V4(a.0),
-                (RData::AAAA(a), RecordType::AAAA) => IpAddr::V6(a.0),
-                _ => return None,
-            };
-            ttl = ttl.min(r.ttl);
-            Some(ip)
-        })
-        .collect();
-    Ok((ips, Duration::from_secs(u64::from(ttl.min(u32::MAX - 1)))))
+    Ok(super::proxy::addresses_of(&m, name, rtype)
+        .map(|(ips, ttl)| (ips, Duration::from_secs(u64::from(ttl))))
+        .unwrap_or((Vec::new(), MAX_TTL)))
 }
 
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
 
-    use hickory_proto::rr::{Record, rdata::A};
+    use hickory_proto::rr::{RData, Record, rdata::A};
 
     use super::*;
 

@@ -34,7 +34,9 @@ use super::{
 };
 use crate::{
     config::OutboundMode,
-    registry::{ConnectPolicy, EndpointAddress, Matched, Resolution, ServiceRegistry},
+    registry::{
+        ConnectPolicy, EndpointAddress, Matched, OutlierPolicy, Resolution, ServiceRegistry,
+    },
 };
 
 /// A pod label that tightens the agent's `outboundTrafficPolicy` for the
@@ -328,31 +330,58 @@ pub async fn connect<E: super::balance::Balanced>(
             }
             Err(e) => e,
         };
-        let ejected = pick.connect_failed();
-        debug!(%destination, endpoint = %addr, ejected, "connect attempt failed: {error}");
-        result
-            .entry()
-            .attempts
-            .push(Attempt::failed(addr, started.elapsed(), &error, ejected));
-        if tried.len() >= MAX_CONNECT_ATTEMPTS {
-            return Err(unreachable(destination, result, error));
-        }
-        pick = match inputs
-            .balancer
-            .retry(destination, endpoints, &tried, outlier)
-        {
-            Ok(p) => p,
-            Err(why) => {
-                result.entry().retry_stopped = Some(why.as_str());
-                return Err(unreachable(destination, result, error));
-            }
-        };
+        pick = after_connect_failure(
+            inputs,
+            destination,
+            endpoints,
+            &tried,
+            outlier,
+            &pick,
+            started.elapsed(),
+            error,
+            result,
+        )?;
     }
+}
+
+/// After a failed connect to `failed` (the endpoints tried so far in
+/// `tried`): the balancer hears it (outlier detection), the attempt goes
+/// into the access log, and another endpoint is picked if the attempts
+/// left and the destination's retry budget allow; else the connection's
+/// error. The one retry decision of the mesh and egress paths.
+#[allow(clippy::too_many_arguments)]
+pub fn after_connect_failure<E: super::balance::Balanced>(
+    inputs: &ProxyInputs,
+    destination: &Destination,
+    endpoints: &[E],
+    tried: &[SocketAddr],
+    outlier: Option<&OutlierPolicy>,
+    failed: &Pick<E>,
+    took: Duration,
+    error: ProxyError,
+    result: &mut ConnectionResult,
+) -> Result<Pick<E>, ProxyError> {
+    let ejected = failed.connect_failed();
+    debug!(%destination, endpoint = %failed.addr(), ejected, "connect attempt failed: {error}");
+    result
+        .entry()
+        .attempts
+        .push(Attempt::failed(failed.addr(), took, &error, ejected));
+    if tried.len() >= MAX_CONNECT_ATTEMPTS {
+        return Err(unreachable(destination, result, error));
+    }
+    inputs
+        .balancer
+        .retry(destination, endpoints, tried, outlier)
+        .map_err(|why| {
+            result.entry().retry_stopped = Some(why.as_str());
+            unreachable(destination, result, error)
+        })
 }
 
 /// The error of a connection whose every attempt failed: the one attempt's
 /// own, or all of them in one line.
-pub fn unreachable(
+fn unreachable(
     destination: &Destination,
     result: &mut ConnectionResult,
     last: ProxyError,

@@ -317,32 +317,22 @@ async fn connect(
             open_traffic(inputs, result, pod, &target);
             return Err(error);
         }
-        let ejected = pick.connect_failed();
-        result.entry().attempts.push(Attempt::failed(
-            target.addr,
+        let next = super::egress::after_connect_failure(
+            inputs,
+            &destination,
+            &endpoints,
+            &tried,
+            outlier,
+            &pick,
             started.elapsed(),
-            &error,
-            ejected,
-        ));
-        let next = if tried.len() >= super::egress::MAX_CONNECT_ATTEMPTS {
-            None
-        } else {
-            match inputs
-                .balancer
-                .retry(&destination, &endpoints, &tried, outlier)
-            {
-                Ok(p) => Some(p),
-                Err(why) => {
-                    result.entry().retry_stopped = Some(why.as_str());
-                    None
-                }
-            }
-        };
+            error,
+            result,
+        );
         match next {
-            Some(p) => pick = p,
-            None => {
+            Ok(p) => pick = p,
+            Err(e) => {
                 open_traffic(inputs, result, pod, &target);
-                return Err(super::egress::unreachable(&destination, result, error));
+                return Err(e);
             }
         }
     }

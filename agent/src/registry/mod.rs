@@ -299,7 +299,7 @@ impl ServiceRegistry {
             if e.resolution == Resolution::Static {
                 for ep in &e.endpoints {
                     if let EndpointAddress::Ip(ip) = ep.address {
-                        let list = r.addresses.entry(canonical(ip)).or_default();
+                        let list = r.addresses.entry(ip.to_canonical()).or_default();
                         if list.last() != Some(&i) {
                             list.push(i);
                         }
@@ -335,7 +335,7 @@ impl ServiceRegistry {
     /// STATIC endpoints, with the port it serves (the first such entry in
     /// file order).
     pub fn by_address(&self, dst: SocketAddr) -> Option<Matched> {
-        let ip = canonical(dst.ip());
+        let ip = dst.ip().to_canonical();
         let mut candidates: Vec<usize> = self.addresses.get(&ip).cloned().unwrap_or_default();
         candidates.extend(
             self.blocks
@@ -456,13 +456,6 @@ impl ServiceEntry {
                 .unwrap_or_default(),
             port: port.clone(),
         }
-    }
-}
-
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
     }
 }
 
